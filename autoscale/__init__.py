@@ -1,0 +1,1 @@
+"""Autoscaling policy and planning per stage kind (see the 'Staying up' issue)."""

@@ -1,0 +1,1 @@
+"""One module per graph stage, plus the wire protocol and inter-stage messages."""

@@ -1,0 +1,38 @@
+"""Admin application: what the LLM application's models and engines are doing."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from ray import serve
+
+from deployments.ingress import install_error_handlers
+
+
+def build_admin_app(llm_app: str) -> FastAPI:
+    app = FastAPI(title="servegraph admin")
+    install_error_handlers(app)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/engines")
+    async def engines() -> dict[str, dict]:
+        """Counters of one replica of each engine (aborted requests, tokens, unfinished)."""
+        engines = await serve.get_deployment_handle("router", app_name=llm_app).engine_names.remote()
+        return {
+            model: await serve.get_deployment_handle(engine, app_name=llm_app).stats.remote()
+            for model, engine in sorted(engines.items())
+        }
+
+    return app
+
+
+@serve.deployment(name="admin", ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Admin:
+    def __init__(self, llm_app: str) -> None:
+        self._llm_app = llm_app
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_admin_app(self._llm_app)

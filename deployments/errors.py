@@ -1,0 +1,79 @@
+"""Errors every stage can raise; the ingress turns them into OpenAI error bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OpenAIError(Exception):
+    """An error with an HTTP status and the OpenAI error body's fields.
+
+    Raised inside any deployment, it crosses Ray handles intact (see __reduce__) so the
+    ingress answers with the status and message of the stage that found the problem.
+    """
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        if status_code is not None:
+            self.status_code = status_code
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.headers = headers or {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.headers, self.status_code))
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+def _rebuild(
+    cls: type[OpenAIError], message: str, param: str | None, code: str | None, headers: dict, status_code: int
+) -> OpenAIError:
+    return cls(message, param=param, code=code, headers=headers, status_code=status_code)
+
+
+class BadRequestError(OpenAIError):
+    status_code = 400
+
+
+class ContextLengthExceededError(BadRequestError):
+    default_code = "context_length_exceeded"
+
+
+class ModelNotFoundError(OpenAIError):
+    status_code = 404
+    default_code = "model_not_found"
+
+
+class ServiceUnavailableError(OpenAIError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class InternalServerError(OpenAIError):
+    status_code = 500
+    error_type = "internal_server_error"
+
+
+def as_openai_error(exc: BaseException) -> OpenAIError:
+    """The OpenAIError behind exc, unwrapping Ray's task error; anything else becomes a 500."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, OpenAIError):
+        return cause
+    if isinstance(exc, OpenAIError):
+        return exc
+    return InternalServerError(f"internal error: {type(exc).__name__}")

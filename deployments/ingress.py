@@ -1,0 +1,244 @@
+"""Ingress stage: the OpenAI-compatible HTTP API, orchestrating the other stages.
+
+The FastAPI app is built by `build_openai_app` over a `GraphStages` object, so the HTTP
+behaviour is testable in-process; the Serve deployment plugs in handle-backed stages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.errors import OpenAIError, as_openai_error
+from deployments.messages import ModelRoute, PreparedRequest, TextChunk
+from deployments.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelList,
+    Usage,
+    new_id,
+)
+
+logger = logging.getLogger("servegraph.ingress")
+
+OpenAIRequest = CompletionRequest | ChatCompletionRequest
+
+
+class GraphStages(Protocol):
+    """The calls the ingress makes into the rest of the graph."""
+
+    async def resolve(self, model: str) -> ModelRoute: ...
+    async def prepare(self, route: ModelRoute, request: OpenAIRequest, request_id: str) -> PreparedRequest: ...
+    def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]: ...
+    async def complete(self, prepared: PreparedRequest) -> TextChunk: ...
+    async def model_list(self) -> ModelList: ...
+
+
+class HandleStages:
+    """GraphStages over Serve deployment handles: one call per stage, one stream for text."""
+
+    def __init__(self, router: DeploymentHandle, tokenizer: DeploymentHandle, postprocess: DeploymentHandle):
+        self._router = router
+        self._tokenizer = tokenizer
+        self._postprocess = postprocess
+        self._postprocess_stream = postprocess.options(stream=True)
+
+    async def resolve(self, model: str) -> ModelRoute:
+        return await self._router.resolve.remote(model)
+
+    async def prepare(self, route: ModelRoute, request: OpenAIRequest, request_id: str) -> PreparedRequest:
+        return await self._tokenizer.prepare.remote(route, request, request_id)
+
+    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]:
+        chunks = self._postprocess_stream.stream.remote(prepared)
+        finished = False
+        try:
+            async for chunk in chunks:
+                finished = chunk.finish_reason is not None
+                yield chunk
+        finally:
+            if not finished:
+                chunks.cancel()
+
+    async def complete(self, prepared: PreparedRequest) -> TextChunk:
+        return await self._postprocess.complete.remote(prepared)
+
+    async def model_list(self) -> ModelList:
+        return await self._router.model_list.remote()
+
+
+def error_response(error: OpenAIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    return (f"{param}: {first['msg']}" if param else first["msg"]), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every failure, including FastAPI's own, answers with an OpenAI error body."""
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(OpenAIError(message, param=param, code="invalid_request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(OpenAIError(str(exc.detail), code=str(exc.status_code), status_code=exc.status_code))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        error = as_openai_error(exc)
+        if error.status_code >= 500:
+            logger.exception("request failed", exc_info=exc)
+        return error_response(error)
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def usage_of(chunk: TextChunk) -> Usage:
+    return Usage(
+        prompt_tokens=chunk.prompt_tokens,
+        completion_tokens=chunk.completion_tokens,
+        total_tokens=chunk.prompt_tokens + chunk.completion_tokens,
+    )
+
+
+class ResponseShape(Protocol):
+    """How one endpoint renders text chunks: whole responses and stream chunks."""
+
+    id_prefix: str
+
+    def response(self, request_id: str, model: str, chunk: TextChunk) -> CompletionResponse | ChatCompletionResponse: ...
+    def first_chunk(self, request_id: str, model: str) -> str | None: ...
+    def chunk(self, request_id: str, model: str, chunk: TextChunk) -> str: ...
+    def usage_chunk(self, request_id: str, model: str, chunk: TextChunk) -> str: ...
+
+
+class CompletionShape:
+    id_prefix = "cmpl"
+
+    def response(self, request_id: str, model: str, chunk: TextChunk) -> CompletionResponse:
+        choice = CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason)
+        return CompletionResponse(id=request_id, model=model, choices=[choice], usage=usage_of(chunk))
+
+    def first_chunk(self, request_id: str, model: str) -> str | None:
+        return None
+
+    def chunk(self, request_id: str, model: str, chunk: TextChunk) -> str:
+        choice = CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason)
+        return CompletionResponse(id=request_id, model=model, choices=[choice]).model_dump_json()
+
+    def usage_chunk(self, request_id: str, model: str, chunk: TextChunk) -> str:
+        return CompletionResponse(id=request_id, model=model, choices=[], usage=usage_of(chunk)).model_dump_json()
+
+
+class ChatShape:
+    id_prefix = "chatcmpl"
+
+    def response(self, request_id: str, model: str, chunk: TextChunk) -> ChatCompletionResponse:
+        choice = ChatChoice(message=AssistantMessage(content=chunk.text), finish_reason=chunk.finish_reason)
+        return ChatCompletionResponse(id=request_id, model=model, choices=[choice], usage=usage_of(chunk))
+
+    def first_chunk(self, request_id: str, model: str) -> str | None:
+        choice = ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))
+        return ChatCompletionChunk(id=request_id, model=model, choices=[choice]).model_dump_json()
+
+    def chunk(self, request_id: str, model: str, chunk: TextChunk) -> str:
+        choice = ChatChunkChoice(delta=DeltaMessage(content=chunk.text), finish_reason=chunk.finish_reason)
+        return ChatCompletionChunk(id=request_id, model=model, choices=[choice]).model_dump_json()
+
+    def usage_chunk(self, request_id: str, model: str, chunk: TextChunk) -> str:
+        return ChatCompletionChunk(id=request_id, model=model, choices=[], usage=usage_of(chunk)).model_dump_json()
+
+
+async def sse_events(
+    stages: GraphStages, prepared: PreparedRequest, request: OpenAIRequest, shape: ResponseShape, model: str
+) -> AsyncIterator[str]:
+    request_id = prepared.engine_request.request_id
+    first = shape.first_chunk(request_id, model)
+    if first is not None:
+        yield sse(first)
+    last: TextChunk | None = None
+    try:
+        async for chunk in stages.stream(prepared):
+            last = chunk
+            yield sse(shape.chunk(request_id, model, chunk))
+    except Exception as exc:  # headers are gone: report the failure in the stream itself
+        error = as_openai_error(exc)
+        logger.warning("stream %s failed: %s", request_id, error.message)
+        yield sse(json.dumps(error.body()))
+    else:
+        if last is not None and request.include_usage_in_stream:
+            yield sse(shape.usage_chunk(request_id, model, last))
+    yield sse("[DONE]")
+
+
+def build_openai_app(stages: GraphStages) -> FastAPI:
+    app = FastAPI(title="servegraph", description="OpenAI-compatible multi-model serving graph")
+    install_error_handlers(app)
+
+    async def generate(request: OpenAIRequest, shape: ResponseShape):
+        route = await stages.resolve(request.model)
+        prepared = await stages.prepare(route, request, new_id(shape.id_prefix))
+        request_id = prepared.engine_request.request_id
+        if request.stream:
+            return StreamingResponse(
+                sse_events(stages, prepared, request, shape, request.model), media_type="text/event-stream"
+            )
+        return shape.response(request_id, request.model, await stages.complete(prepared))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return await stages.model_list()
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: CompletionRequest):
+        return await generate(request, CompletionShape())
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: ChatCompletionRequest):
+        return await generate(request, ChatShape())
+
+    return app
+
+
+@serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0.25})
+@serve.ingress()
+class Ingress:
+    def __init__(self, router: DeploymentHandle, tokenizer: DeploymentHandle, postprocess: DeploymentHandle):
+        self._stages = HandleStages(router, tokenizer, postprocess)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_openai_app(self._stages)

@@ -1,0 +1,1 @@
+"""Graph wiring: typed app arguments, builders and the Serve config files."""

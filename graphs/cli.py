@@ -1,0 +1,102 @@
+"""`servegraph`: check a graph config before anything starts, then run it with Serve."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+
+class ConfigError(Exception):
+    """A config problem, phrased for the person who wrote the YAML."""
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  args.{where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def validate_config(path: Path) -> list[str]:
+    """Build every application of a Serve config without deploying it.
+
+    Returns a line per application naming its deployments; raises ConfigError naming the
+    application and field at fault.
+    """
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.build_app import build_app
+    from ray.serve.schema import ServeDeploySchema
+    from ray._common.utils import import_attr
+
+    try:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"{path}: not a valid Serve config:\n{exc}") from exc
+    summary = []
+    for app_config in config.applications:
+        where = f"{path}: application {app_config.name!r}"
+        try:
+            app = call_user_app_builder_with_args_if_necessary(import_attr(app_config.import_path), app_config.args)
+        except ValidationError as exc:
+            raise ConfigError(f"{where} has invalid args:\n{_describe(exc)}") from exc
+        except (ImportError, AttributeError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        names = [d.name for d in build_app(app, name=app_config.name).deployments]
+        unknown = sorted({d.name for d in app_config.deployments} - set(names))
+        if unknown:
+            raise ConfigError(f"{where} overrides unknown deployments {unknown}; it has {names}")
+        summary.append(f"{app_config.name} ({app_config.route_prefix}): {', '.join(names)}")
+    return summary
+
+
+def build_models(path: Path) -> list[Path]:
+    """Build the config's local models now so the first deploy does not wait for them."""
+    from graphs.config import LLMAppArgs
+    from models.build import default_cache_dir, ensure_local_model
+
+    built = []
+    for app_config in yaml.safe_load(path.read_text())["applications"]:
+        if not app_config["import_path"].endswith(":build_llm_app"):
+            continue
+        args = LLMAppArgs.model_validate(app_config.get("args", {}))
+        cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        built += [ensure_local_model(spec.build, cache) for spec in args.models if spec.build is not None]
+    return built
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="servegraph", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [
+        ("validate", "check a Serve config's typed args and deployment overrides"),
+        ("build-models", "build the config's local models into the cache"),
+        ("run", "validate, build local models, then `serve run` the config"),
+    ]:
+        commands.add_parser(name, help=help_text).add_argument("config", type=Path)
+    args = parser.parse_args(argv)
+
+    try:
+        summary = validate_config(args.config)
+    except ConfigError as exc:
+        print(f"servegraph: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "validate":
+        print("\n".join(summary))
+        return 0
+    for model_dir in build_models(args.config):
+        print(f"model ready: {model_dir}")
+    if args.command == "run":
+        serve = shutil.which("serve") or str(Path(sys.executable).with_name("serve"))
+        os.execv(serve, [serve, "run", str(args.config)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

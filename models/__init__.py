@@ -1,0 +1,1 @@
+"""Model specs, deterministic local model building and (later) placement."""

@@ -1,0 +1,71 @@
+import hashlib
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from models.build import build_local_model, ensure_local_model
+from models.engine_config import cpu_kv_cache_gib, engine_kwargs, kv_cache_bytes
+from models.spec import LocalBuildRecipe, ModelSpec
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_same_recipe_builds_byte_identical_files(tmp_path):
+    recipe = LocalBuildRecipe(seed=3)
+    build_local_model(recipe, tmp_path / "a")
+    build_local_model(recipe, tmp_path / "b")
+    assert file_digests(tmp_path / "a") == file_digests(tmp_path / "b")
+    assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(file_digests(tmp_path / "a"))
+
+
+def test_different_seed_gives_different_weights(tmp_path):
+    build_local_model(LocalBuildRecipe(seed=0), tmp_path / "a")
+    build_local_model(LocalBuildRecipe(seed=1), tmp_path / "b")
+    a, b = file_digests(tmp_path / "a"), file_digests(tmp_path / "b")
+    assert a["model.safetensors"] != b["model.safetensors"]
+    assert a["tokenizer.json"] == b["tokenizer.json"]
+
+
+def test_cache_is_reused(model_cache):
+    recipe = LocalBuildRecipe()
+    first = ensure_local_model(recipe, model_cache)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert ensure_local_model(recipe, model_cache) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_tokenizer_has_chat_template_and_round_trips_multibyte(tiny_tokenizer):
+    text = "héllo 世界 🚀"
+    assert tiny_tokenizer.decode(tiny_tokenizer.encode(text)) == text
+    rendered = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert rendered == "<|user|>\nhi<|end|>\n<|assistant|>\n"
+
+
+def test_spec_needs_exactly_one_source():
+    with pytest.raises(ValidationError, match="exactly one of path, hub_id, build"):
+        ModelSpec(name="m", path="/x", hub_id="org/m")
+    with pytest.raises(ValidationError, match="exactly one"):
+        ModelSpec(name="m")
+
+
+def test_spec_rejects_unknown_fields():
+    with pytest.raises(ValidationError, match="max_model_lenn"):
+        ModelSpec(name="m", path="/x", max_model_lenn=5)
+
+
+def test_engine_kwargs_pass_through_overrides(tiny_spec):
+    spec = tiny_spec.model_copy(update={"engine_args": {"enforce_eager": False, "seed": 7}})
+    kwargs = engine_kwargs(spec, "/models/tiny", on_cpu=True)
+    assert kwargs["skip_tokenizer_init"] is True
+    assert kwargs["enforce_eager"] is False and kwargs["seed"] == 7
+    assert "gpu_memory_utilization" not in engine_kwargs(tiny_spec, "/m", on_cpu=False)
+
+
+def test_kv_cache_budget_arithmetic(tiny_spec):
+    need = kv_cache_bytes(tiny_spec, num_layers=2, num_kv_heads=2, head_dim=64)
+    assert need == 2 * 2 * 2 * 64 * 2 * tiny_spec.max_model_len * tiny_spec.max_num_seqs
+    assert cpu_kv_cache_gib(need) == 1
+    assert cpu_kv_cache_gib(3 * 2**30) == 6
