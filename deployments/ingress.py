@@ -90,6 +90,8 @@ def error_response(error: OpenAIError) -> JSONResponse:
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
+    if first.get("type") == "json_invalid":  # its location is a byte offset, not a field
+        return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
     return (f"{param}: {first['msg']}" if param else first["msg"]), param

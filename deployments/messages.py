@@ -23,6 +23,9 @@ class SamplingSettings:
     frequency_penalty: float = 0.0
     seed: int | None = None
     ignore_eos: bool = False
+    top_k: int = 0
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
 
 

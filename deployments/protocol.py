@@ -37,6 +37,9 @@ class SamplingRequest(WireModel):
     seed: int | None = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence.")
+    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or 0 disables it.")
+    min_tokens: int | None = Field(None, ge=0, description="vLLM extension.")
+    repetition_penalty: float | None = Field(None, gt=0, le=2, description="vLLM extension.")
 
     @field_validator("stop")
     @classmethod
@@ -55,8 +58,17 @@ class SamplingRequest(WireModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+def _no_logprobs(value: int | bool | None) -> int | bool | None:
+    if value:
+        raise ValueError("logprobs are not supported yet; leave logprobs unset")
+    return value
+
+
 class CompletionRequest(SamplingRequest):
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+    logprobs: int | None = None
+
+    _logprobs_off = field_validator("logprobs")(_no_logprobs)
 
 
 class TextContentPart(WireModel):
@@ -78,6 +90,10 @@ class ChatMessage(WireModel):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    _logprobs_off = field_validator("logprobs", "top_logprobs")(_no_logprobs)
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -48,6 +48,9 @@ class PromptTokenizer:
             frequency_penalty=request.frequency_penalty or 0.0,
             seed=request.seed,
             ignore_eos=request.ignore_eos,
+            top_k=request.top_k or 0,
+            min_tokens=request.min_tokens or 0,
+            repetition_penalty=request.repetition_penalty or 1.0,
             stop_token_ids=self._stop_token_ids,
         )
         return PreparedRequest(

@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     for model_dir in build_models(args.config):
         print(f"model ready: {model_dir}")
     if args.command == "run":
+        from graphs.local_cluster import SERVE_ENV
+
+        for name, value in SERVE_ENV.items():
+            os.environ.setdefault(name, value)
         serve = shutil.which("serve") or str(Path(sys.executable).with_name("serve"))
         os.execv(serve, [serve, "run", str(args.config)])
     return 0

@@ -73,7 +73,7 @@ class ModelSpec(StrictModel):
     pipeline_parallel_size: int = Field(1, ge=1)
     long_prompt: LongPromptPolicy = LongPromptPolicy.reject
     stream_interval: int = Field(
-        4, ge=1, description="Tokens per streamed chunk after the first; fewer messages per hop under load."
+        8, ge=1, description="Tokens per streamed chunk after the first; fewer messages per hop under load."
     )
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed through to vLLM as is.")
 

@@ -1,0 +1,1 @@
+"""Benchmarks: the graph against a bare vLLM OpenAI server, with vLLM's own load client."""

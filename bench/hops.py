@@ -1,0 +1,74 @@
+"""Per-hop latency of the graph: each stage called through its own handle, medians in ms.
+
+Runs in a process that is a driver of the graph's Ray cluster (bench.compare is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+import httpx
+
+from deployments.messages import PreparedRequest
+from deployments.protocol import CompletionRequest
+
+
+async def median_ms(call: Callable[[], Awaitable[object]], repeats: int) -> float:
+    await call()  # warm up connections and caches
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        await call()
+        samples.append((time.perf_counter() - start) * 1000)
+    return statistics.median(samples)
+
+
+async def _measure(base_url: str, model: str, app: str, repeats: int) -> dict[str, float]:
+    from ray import serve
+
+    def handle(name: str):
+        return serve.get_deployment_handle(name, app_name=app)
+
+    router, tokenizer, postprocess = handle("router"), handle("tokenizer"), handle("postprocess")
+    request = CompletionRequest(model=model, prompt="Hello there", max_tokens=1, temperature=0)
+    route = await router.resolve.remote(model)
+    prepared = await tokenizer.prepare.remote(route, request, "hops")
+    engine = handle(route.engine).options(stream=True)
+    request_ids = (f"hops-{i}" for i in itertools.count())
+
+    def fresh() -> PreparedRequest:
+        return replace(prepared, engine_request=replace(prepared.engine_request, request_id=next(request_ids)))
+
+    async def engine_call() -> list:
+        return [chunk async for chunk in engine.generate.remote(fresh().engine_request)]
+
+    body = {"model": model, "prompt": "Hello there", "max_tokens": 1, "temperature": 0}
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def http_call() -> None:
+            (await client.post(f"{base_url}/v1/completions", json=body)).raise_for_status()
+
+        t = {
+            "router": await median_ms(lambda: router.resolve.remote(model), repeats),
+            "tokenizer": await median_ms(lambda: tokenizer.prepare.remote(route, request, "hops"), repeats),
+            "engine": await median_ms(engine_call, repeats),
+            "postprocess+engine": await median_ms(lambda: postprocess.complete.remote(fresh()), repeats),
+            "http": await median_ms(http_call, repeats),
+        }
+    return {
+        **{f"{name} ms": value for name, value in t.items()},
+        "added by router hop ms": t["router"],
+        "added by tokenizer hop ms": t["tokenizer"],
+        "added by postprocess hop ms": t["postprocess+engine"] - t["engine"],
+        "added by proxy+ingress ms": t["http"] - t["router"] - t["tokenizer"] - t["postprocess+engine"],
+    }
+
+
+def hop_latencies(base_url: str, model: str, app: str = "llm", repeats: int = 100) -> dict[str, float]:
+    """One-token requests, sequential: what each hop adds when nothing else is running."""
+    return asyncio.run(_measure(base_url, model, app, repeats))

@@ -1,0 +1,127 @@
+"""Run a Serve config on a Ray head owned by this process, on free ports.
+
+Used by the end-to-end tests and the benchmark: `ray.shutdown()` removes every process
+this starts, and nothing collides with a `make serve` already running on the default ports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+# Ray's own switch for Serve's fast path (user code and handle routing on one event loop,
+# gRPC between replicas, GC frozen after start): it doubled the graph's throughput here.
+# Serve reads it at import, so it must be in the environment of the whole Ray cluster.
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(check: Callable[[], T | None], timeout_s: float, what: str, interval_s: float = 0.2) -> T:
+    """Return check()'s first truthy value; TimeoutError once the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def load_config(path: Path = ROOT / "graphs" / "local.yaml") -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+class DeployFailed(RuntimeError):
+    pass
+
+
+class LocalServeCluster:
+    """A Ray head in this process with a Serve config deployed through `serve deploy`.
+
+    The head listens on loopback only and runs with Ray's token auth off, as Ray's own
+    local clusters did before 2.60.
+    """
+
+    def __init__(self, config: dict[str, Any], work_dir: Path, num_cpus: int = 2) -> None:
+        self.config = {**config, "http_options": {**config.get("http_options", {}), "port": free_port()}}
+        self._work_dir = work_dir
+        self._num_cpus = num_cpus
+        self._dashboard_port = free_port()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['http_options']['port']}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self._dashboard_port}"
+
+    def start(self, timeout_s: float = 600) -> LocalServeCluster:
+        import ray
+
+        config_path = self._work_dir / "serve-config.yaml"
+        config_path.write_text(yaml.safe_dump(self.config))
+        os.environ["RAY_AUTH_MODE"] = "disabled"  # read by ray.init and the `serve` CLI below
+        os.environ.update(SERVE_ENV)
+        ray.init(
+            num_cpus=self._num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=self._dashboard_port,
+            log_to_driver=False,
+        )
+        try:
+            serve_cli = str(Path(sys.executable).with_name("serve"))
+            subprocess.run([serve_cli, "deploy", str(config_path), "-a", self.dashboard_url], check=True)
+            wait_for(self._all_running, timeout_s, "every application to be RUNNING", interval_s=1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+
+    def applications(self) -> dict[str, Any]:
+        try:
+            response = httpx.get(f"{self.dashboard_url}/api/serve/applications/", timeout=5)
+        except httpx.HTTPError:
+            return {}
+        if response.status_code in (401, 403):
+            raise DeployFailed(f"the dashboard refused us ({response.status_code}): {response.text[:200]}")
+        return response.json().get("applications", {}) if response.status_code == 200 else {}
+
+    def _all_running(self) -> bool:
+        apps = self.applications()
+        failed = {name: app.get("message") for name, app in apps.items() if app.get("status") == "DEPLOY_FAILED"}
+        if failed:
+            raise DeployFailed(f"deploy failed: {failed}")
+        return all(apps.get(app["name"], {}).get("status") == "RUNNING" for app in self.config["applications"])
+
+    def __enter__(self) -> LocalServeCluster:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,128 @@
+"""The HTTP layer without Ray: real tokenizer and postprocessing logic, a scripted engine."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.ingress import build_openai_app
+from deployments.messages import ModelRoute, PreparedRequest, TextChunk, TokenChunk
+from deployments.postprocess import assemble_text, merge_chunks
+from deployments.router import ModelRegistry
+from deployments.tokenizer import PromptTokenizer
+
+
+class ScriptedEngine:
+    """Echoes the prompt's token ids back, one per chunk; can fail after a few chunks."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.fail_after = fail_after
+
+    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[TokenChunk]:
+        request = prepared.engine_request
+        ids = request.prompt_token_ids
+        for i in range(request.sampling.max_tokens):
+            if self.fail_after is not None and i == self.fail_after:
+                raise RuntimeError("engine died")
+            last = i == request.sampling.max_tokens - 1
+            yield TokenChunk([ids[i % len(ids)]], "length" if last else None)
+
+
+class InProcessStages:
+    def __init__(self, spec, tokenizer, engine: ScriptedEngine) -> None:
+        self._registry = ModelRegistry([spec])
+        self._prompts = PromptTokenizer(spec, tokenizer)
+        self._tokenizer = tokenizer
+        self._engine = engine
+
+    async def resolve(self, model: str) -> ModelRoute:
+        return self._registry.resolve(model)
+
+    async def prepare(self, route, request, request_id) -> PreparedRequest:
+        return self._prompts.prepare(route, request, request_id)
+
+    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]:
+        async for chunk in assemble_text(self._tokenizer, prepared, self._engine.generate(prepared)):
+            yield chunk
+
+    async def complete(self, prepared: PreparedRequest) -> TextChunk:
+        return merge_chunks([chunk async for chunk in self.stream(prepared)])
+
+    async def model_list(self):
+        return self._registry.model_list()
+
+
+@pytest.fixture
+def make_client(tiny_spec, tiny_tokenizer):
+    def make(engine: ScriptedEngine | None = None) -> TestClient:
+        stages = InProcessStages(tiny_spec, tiny_tokenizer, engine or ScriptedEngine())
+        return TestClient(build_openai_app(stages), raise_server_exceptions=False)
+
+    return make
+
+
+def sse_payloads(response) -> list[str]:
+    return [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+
+
+def test_completion_echo_and_usage(make_client, tiny_tokenizer):
+    response = make_client().post("/v1/completions", json={"model": "tiny-chat", "prompt": "hello", "max_tokens": 5})
+    body = response.json()
+    n_prompt = len(tiny_tokenizer.encode("hello"))
+    assert body["object"] == "text_completion" and body["model"] == "tiny-chat"
+    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 5, "total_tokens": n_prompt + 5}
+    assert body["choices"][0]["finish_reason"] == "length" and body["choices"][0]["text"].startswith("hello")
+
+
+def test_chat_stream_framing(make_client):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    response = make_client().post("/v1/chat/completions", json=body)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    payloads = sse_payloads(response)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_engine_failure_mid_stream_ends_with_error_event(make_client):
+    client = make_client(ScriptedEngine(fail_after=2))
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello world", "max_tokens": 8, "stream": True})
+    payloads = sse_payloads(response)
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert error["type"] == "internal_server_error" and "engine died" not in error["message"]
+
+
+def test_unexpected_failure_is_500_without_internals(make_client):
+    client = make_client(ScriptedEngine(fail_after=0))
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    assert response.status_code == 500
+    assert response.json()["error"]["message"] == "internal error: RuntimeError"
+
+
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [(b"{not json", None), (b'{"model": "tiny", "prompt": "\xff"}', None), (b'{"model": "tiny"}', "prompt")],
+)
+def test_unparseable_bodies_get_openai_errors(make_client, content, param):
+    response = make_client().post("/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_requested_logprobs_are_refused_clearly(make_client):
+    response = make_client().post("/v1/completions", json={"model": "tiny", "prompt": "hi", "logprobs": 2})
+    assert response.status_code == 400 and "logprobs are not supported" in response.json()["error"]["message"]
+
+
+def test_wrong_method_is_openai_error(make_client):
+    response = make_client().get("/v1/completions")
+    assert response.status_code == 405 and response.json()["error"]["code"] == "405"
