@@ -68,14 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     spec, targets = build_targets(args.targets.split(","), args.model)
-    results = {}
+    results, details = {}, {}
     for target in targets:
         with target as base_url:
             results[target.name] = run_load(base_url, spec.name, local_model_dir(spec), args)
+            details[target.name] = target.details(base_url)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "results": results}, indent=2))
+    report = {"args": vars(args) | {"out": str(args.out)}, "results": results, "latency": details}
+    args.out.write_text(json.dumps(report, indent=2))
     print(f"\n{args.concurrency} concurrent streams, {args.input_len} prompt / {args.output_len} output tokens, {args.num_prompts} requests")
     print(table(results))
+    print("\nSequential one-token requests, median ms (per-hop figures call each stage's handle directly):")
+    for name, figures in details.items():
+        print(f"  {name}: " + ", ".join(f"{key} {value:.1f}" for key, value in figures.items()))
     return 0
 
 

@@ -47,19 +47,13 @@ async def _measure(base_url: str, model: str, app: str, repeats: int) -> dict[st
     async def engine_call() -> list:
         return [chunk async for chunk in engine.generate.remote(fresh().engine_request)]
 
-    body = {"model": model, "prompt": "Hello there", "max_tokens": 1, "temperature": 0}
-    async with httpx.AsyncClient(timeout=60) as client:
-
-        async def http_call() -> None:
-            (await client.post(f"{base_url}/v1/completions", json=body)).raise_for_status()
-
-        t = {
-            "router": await median_ms(lambda: router.resolve.remote(model), repeats),
-            "tokenizer": await median_ms(lambda: tokenizer.prepare.remote(route, request, "hops"), repeats),
-            "engine": await median_ms(engine_call, repeats),
-            "postprocess+engine": await median_ms(lambda: postprocess.complete.remote(fresh()), repeats),
-            "http": await median_ms(http_call, repeats),
-        }
+    t = {
+        "router": await median_ms(lambda: router.resolve.remote(model), repeats),
+        "tokenizer": await median_ms(lambda: tokenizer.prepare.remote(route, request, "hops"), repeats),
+        "engine": await median_ms(engine_call, repeats),
+        "postprocess+engine": await median_ms(lambda: postprocess.complete.remote(fresh()), repeats),
+        "http": await _one_token_http_ms(base_url, model, repeats),
+    }
     return {
         **{f"{name} ms": value for name, value in t.items()},
         "added by router hop ms": t["router"],
@@ -67,6 +61,21 @@ async def _measure(base_url: str, model: str, app: str, repeats: int) -> dict[st
         "added by postprocess hop ms": t["postprocess+engine"] - t["engine"],
         "added by proxy+ingress ms": t["http"] - t["router"] - t["tokenizer"] - t["postprocess+engine"],
     }
+
+
+async def _one_token_http_ms(base_url: str, model: str, repeats: int) -> float:
+    body = {"model": model, "prompt": "Hello there", "max_tokens": 1, "temperature": 0}
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def call() -> None:
+            (await client.post(f"{base_url}/v1/completions", json=body)).raise_for_status()
+
+        return await median_ms(call, repeats)
+
+
+def one_token_http_ms(base_url: str, model: str, repeats: int = 100) -> float:
+    """Median latency of a sequential one-token completion over HTTP: any OpenAI server."""
+    return asyncio.run(_one_token_http_ms(base_url, model, repeats))
 
 
 def hop_latencies(base_url: str, model: str, app: str = "llm", repeats: int = 100) -> dict[str, float]:

@@ -40,6 +40,7 @@ class ServegraphTarget:
     name = "servegraph"
 
     def __init__(self, config: dict[str, Any], model: str) -> None:
+        self._model = model
         self._cluster = LocalServeCluster(single_model_config(config, model), Path(tempfile.mkdtemp()))
 
     def __enter__(self) -> str:
@@ -48,6 +49,11 @@ class ServegraphTarget:
 
     def __exit__(self, *exc_info: object) -> None:
         self._cluster.stop()
+
+    def details(self, base_url: str) -> dict[str, float]:
+        from bench.hops import hop_latencies
+
+        return hop_latencies(base_url, self._model)
 
 
 class BareVllmTarget:
@@ -77,6 +83,11 @@ class BareVllmTarget:
         base_url = f"http://127.0.0.1:{self._port}"
         wait_for(lambda: self._healthy(base_url), 300, "the bare vLLM server", interval_s=1)
         return base_url
+
+    def details(self, base_url: str) -> dict[str, float]:
+        from bench.hops import one_token_http_ms
+
+        return {"http ms": one_token_http_ms(base_url, self._spec.name)}
 
     def _healthy(self, base_url: str) -> bool:
         if self._process is not None and self._process.poll() is not None:

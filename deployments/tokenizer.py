@@ -28,6 +28,8 @@ class PromptTokenizer:
         self.spec = spec
         self.tokenizer = tokenizer
         self._vocab_size = len(tokenizer)
+        # The engine has no tokenizer (skip_tokenizer_init), so EOS must be named explicitly;
+        # vLLM's ignore_eos does not cover explicit stop_token_ids.
         self._stop_token_ids = tuple(i for i in [tokenizer.eos_token_id] if i is not None)
 
     def prepare(
@@ -51,7 +53,7 @@ class PromptTokenizer:
             top_k=request.top_k or 0,
             min_tokens=request.min_tokens or 0,
             repetition_penalty=request.repetition_penalty or 1.0,
-            stop_token_ids=self._stop_token_ids,
+            stop_token_ids=() if request.ignore_eos else self._stop_token_ids,
         )
         return PreparedRequest(
             route=route,

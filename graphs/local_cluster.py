@@ -97,12 +97,10 @@ class LocalServeCluster:
         return self
 
     def stop(self) -> None:
+        """Stop the head and with it every replica and engine process it started."""
         import ray
-        from ray import serve
 
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
+        ray.shutdown()
 
     def applications(self) -> dict[str, Any]:
         try:

@@ -73,6 +73,14 @@ def test_completion_without_stop_uses_openai_default_max_tokens(tiny_spec, tiny_
     assert prepared.stop_strings == () and prepared.engine_request.sampling.max_tokens == 16
 
 
+def test_ignore_eos_drops_the_eos_stop_token(tiny_spec, tiny_tokenizer):
+    prompts = PromptTokenizer(tiny_spec, tiny_tokenizer)
+    keep = prompts.prepare(ROUTE, CompletionRequest(model="tiny", prompt="hi"), "r")
+    ignore = prompts.prepare(ROUTE, CompletionRequest(model="tiny", prompt="hi", ignore_eos=True), "r")
+    assert keep.engine_request.sampling.stop_token_ids == (tiny_tokenizer.eos_token_id,)
+    assert ignore.engine_request.sampling.stop_token_ids == ()
+
+
 def test_out_of_vocab_token_prompt_is_rejected(tiny_spec, tiny_tokenizer):
     request = CompletionRequest(model="tiny", prompt=[1, 99999])
     with pytest.raises(BadRequestError, match="token ids must be in"):
@@ -160,3 +168,15 @@ def test_errors_survive_pickling_and_ray_wrapping():
     error = pickle.loads(pickle.dumps(ContextLengthExceededError("too long", param="prompt")))
     assert (type(error), error.param, error.code, error.status_code) == (ContextLengthExceededError, "prompt", "context_length_exceeded", 400)
     assert as_openai_error(RuntimeError("boom")).status_code == 500
+
+
+def test_engine_sampling_params_stream_token_deltas():
+    from vllm.sampling_params import RequestOutputKind
+
+    from deployments.engine import sampling_params
+
+    settings = SamplingSettings(max_tokens=7, temperature=0.5, seed=3, top_k=5, stop_token_ids=(0,))
+    params = sampling_params(EngineRequest("r", [1, 2], settings), stream_interval=8)
+    assert (params.max_tokens, params.temperature, params.seed, params.top_k) == (7, 0.5, 3, 5)
+    assert params.stop_token_ids == [0] and not params.detokenize
+    assert params.output_kind is RequestOutputKind.DELTA and params.stream_interval == 8

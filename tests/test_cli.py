@@ -1,0 +1,61 @@
+"""`servegraph validate|run`: config mistakes fail before anything starts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from graphs.cli import ConfigError, validate_config
+from graphs.local_cluster import ROOT, load_config
+
+
+def write_config(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "graph.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def llm_app(config: dict) -> dict:
+    return next(app for app in config["applications"] if app["name"] == "llm")
+
+
+def test_default_config_validates():
+    summary = validate_config(ROOT / "graphs" / "local.yaml")
+    assert summary[0] == "llm (/): router, tokenizer, engine-tiny, engine-small, postprocess, ingress"
+    assert summary[1] == "admin (/admin): admin"
+
+
+def test_misspelled_field_is_named(tmp_path):
+    config = load_config()
+    llm_app(config)["args"]["models"][0]["max_model_lenn"] = 5
+    with pytest.raises(ConfigError, match=r"args\.models\.0\.max_model_lenn: Extra inputs are not permitted"):
+        validate_config(write_config(tmp_path, config))
+
+
+def test_duplicate_served_name_is_refused(tmp_path):
+    config = load_config()
+    llm_app(config)["args"]["models"][1]["aliases"] = ["tiny"]
+    with pytest.raises(ConfigError, match="'tiny' is used by both 'tiny' and 'small'"):
+        validate_config(write_config(tmp_path, config))
+
+
+def test_override_of_unknown_deployment_is_refused(tmp_path):
+    config = load_config()
+    llm_app(config)["deployments"].append({"name": "engine-huge", "num_replicas": 2})
+    with pytest.raises(ConfigError, match=r"overrides unknown deployments \['engine-huge'\]"):
+        validate_config(write_config(tmp_path, config))
+
+
+def test_run_exits_before_starting_ray(tmp_path):
+    config = load_config()
+    llm_app(config)["args"]["models"][0]["long_prompt"] = "truncate_middle"
+    result = subprocess.run(
+        [sys.executable, "-m", "graphs.cli", "run", str(write_config(tmp_path, config))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "args.models.0.long_prompt" in result.stderr and "Started a local Ray instance" not in result.stderr
