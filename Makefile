@@ -20,6 +20,8 @@ serve: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/servegraph run graphs/local.yaml
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 clean:

@@ -53,7 +53,9 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             ttft_gap = results["servegraph"]["median_ttft_ms"] - results[other]["median_ttft_ms"]
             rows.append([f"ours/{other}", f"{ratio:.2f}x tok/s, TTFT p50 {ttft_gap:+.1f} ms", *[""] * (len(names) - 1)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows)
+    return "\n".join(
+        "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |" for row in rows
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"args": vars(args) | {"out": str(args.out)}, "results": results, "latency": details}
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"\n{args.concurrency} concurrent streams, {args.input_len} prompt / {args.output_len} output tokens, {args.num_prompts} requests")
+    print(
+        f"\n{args.concurrency} concurrent streams, {args.input_len} prompt / {args.output_len} output tokens, "
+        f"{args.num_prompts} requests"
+    )
     print(table(results))
     print("\nSequential one-token requests, median ms (per-hop figures call each stage's handle directly):")
     for name, figures in details.items():

@@ -35,6 +35,7 @@ from deployments.protocol import (
     Usage,
     new_id,
 )
+from deployments.streaming import until_finished
 
 logger = logging.getLogger("servegraph.ingress")
 
@@ -68,14 +69,8 @@ class HandleStages:
 
     async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]:
         chunks = self._postprocess_stream.stream.remote(prepared)
-        finished = False
-        try:
-            async for chunk in chunks:
-                finished = chunk.finish_reason is not None
-                yield chunk
-        finally:
-            if not finished:
-                chunks.cancel()
+        async for chunk in until_finished(chunks, chunks):
+            yield chunk
 
     async def complete(self, prepared: PreparedRequest) -> TextChunk:
         return await self._postprocess.complete.remote(prepared)
@@ -138,7 +133,9 @@ class ResponseShape(Protocol):
 
     id_prefix: str
 
-    def response(self, request_id: str, model: str, chunk: TextChunk) -> CompletionResponse | ChatCompletionResponse: ...
+    def response(
+        self, request_id: str, model: str, chunk: TextChunk
+    ) -> CompletionResponse | ChatCompletionResponse: ...
     def first_chunk(self, request_id: str, model: str) -> str | None: ...
     def chunk(self, request_id: str, model: str, chunk: TextChunk) -> str: ...
     def usage_chunk(self, request_id: str, model: str, chunk: TextChunk) -> str: ...

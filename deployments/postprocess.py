@@ -9,6 +9,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.messages import PreparedRequest, TextChunk, TokenChunk
+from deployments.streaming import until_finished
 from deployments.tokenizer import load_tokenizer
 from models.spec import ModelSpec
 
@@ -132,14 +133,9 @@ class Postprocess:
 
     async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]:
         token_chunks = self._engines[prepared.route.engine].generate.remote(prepared.engine_request)
-        finished = False
-        try:
-            async for text_chunk in assemble_text(self._tokenizers[prepared.route.model], prepared, token_chunks):
-                finished = text_chunk.finish_reason is not None
-                yield text_chunk
-        finally:
-            if not finished:
-                token_chunks.cancel()
+        text_chunks = assemble_text(self._tokenizers[prepared.route.model], prepared, token_chunks)
+        async for text_chunk in until_finished(token_chunks, text_chunks):
+            yield text_chunk
 
     async def complete(self, prepared: PreparedRequest) -> TextChunk:
         return merge_chunks([chunk async for chunk in self.stream(prepared)])

@@ -114,6 +114,16 @@ def now() -> int:
     return int(time.time())
 
 
+class ResponseEnvelope(BaseModel):
+    """Fields every completion response and stream chunk carries."""
+
+    id: str
+    created: int = Field(default_factory=now)
+    model: str
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
@@ -121,14 +131,9 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(ResponseEnvelope):
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=now)
-    model: str
-    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -143,14 +148,9 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(ResponseEnvelope):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=now)
-    model: str
-    system_fingerprint: str | None = None
     choices: list[ChatChoice]
-    usage: Usage | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -165,14 +165,9 @@ class ChatChunkChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(ResponseEnvelope):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=now)
-    model: str
-    system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

@@ -103,9 +103,7 @@ class PromptTokenizer:
             return self.tokenizer.encode(request.prompt, add_special_tokens=True)
         bad = [i for i in request.prompt if not 0 <= i < self._vocab_size]
         if bad:
-            raise BadRequestError(
-                f"prompt token ids must be in [0, {self._vocab_size}); got {bad[:5]}", param="prompt"
-            )
+            raise BadRequestError(f"prompt token ids must be in [0, {self._vocab_size}); got {bad[:5]}", param="prompt")
         return list(request.prompt)
 
     def _encode_chat(self, request: ChatCompletionRequest) -> list[int]:

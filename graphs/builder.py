@@ -2,7 +2,6 @@
 
 # No `from __future__ import annotations`: Serve validates args only against a real class annotation.
 
-
 from ray.serve import Application
 
 from deployments.admin import Admin

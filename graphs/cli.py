@@ -30,10 +30,10 @@ def validate_config(path: Path) -> list[str]:
     Returns a line per application naming its deployments; raises ConfigError naming the
     application and field at fault.
     """
+    from ray._common.utils import import_attr
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve._private.build_app import build_app
     from ray.serve.schema import ServeDeploySchema
-    from ray._common.utils import import_attr
 
     try:
         config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))

@@ -22,7 +22,9 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_spec() -> ModelSpec:
-    return ModelSpec(name="tiny", aliases=["tiny-chat"], build=LocalBuildRecipe(), max_model_len=64, default_max_tokens=16)
+    return ModelSpec(
+        name="tiny", aliases=["tiny-chat"], build=LocalBuildRecipe(), max_model_len=64, default_max_tokens=16
+    )
 
 
 @pytest.fixture(scope="session")

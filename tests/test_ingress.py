@@ -93,7 +93,9 @@ def test_chat_stream_framing(make_client):
 
 def test_engine_failure_mid_stream_ends_with_error_event(make_client):
     client = make_client(ScriptedEngine(fail_after=2))
-    response = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello world", "max_tokens": 8, "stream": True})
+    response = client.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "hello world", "max_tokens": 8, "stream": True}
+    )
     payloads = sse_payloads(response)
     assert payloads[-1] == "[DONE]"
     error = json.loads(payloads[-2])["error"]

@@ -40,7 +40,9 @@ def test_cache_is_reused(model_cache):
 def test_tokenizer_has_chat_template_and_round_trips_multibyte(tiny_tokenizer):
     text = "héllo 世界 🚀"
     assert tiny_tokenizer.decode(tiny_tokenizer.encode(text)) == text
-    rendered = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    rendered = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert rendered == "<|user|>\nhi<|end|>\n<|assistant|>\n"
 
 

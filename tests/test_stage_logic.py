@@ -60,7 +60,9 @@ def test_max_tokens_beyond_limit_is_rejected(tiny_spec, tiny_tokenizer):
 
 
 def test_chat_prepare_counts_template_tokens(tiny_spec, tiny_tokenizer):
-    request = ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=5, stop="x")
+    request = ChatCompletionRequest(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=5, stop="x"
+    )
     prepared = PromptTokenizer(tiny_spec, tiny_tokenizer).prepare(ROUTE, request, "req-1")
     expected = tiny_tokenizer.encode("<|user|>\nhello<|end|>\n<|assistant|>\n", add_special_tokens=False)
     assert prepared.engine_request.prompt_token_ids == expected
@@ -69,7 +71,9 @@ def test_chat_prepare_counts_template_tokens(tiny_spec, tiny_tokenizer):
 
 
 def test_completion_without_stop_uses_openai_default_max_tokens(tiny_spec, tiny_tokenizer):
-    prepared = PromptTokenizer(tiny_spec, tiny_tokenizer).prepare(ROUTE, CompletionRequest(model="tiny", prompt="hi"), "r")
+    prepared = PromptTokenizer(tiny_spec, tiny_tokenizer).prepare(
+        ROUTE, CompletionRequest(model="tiny", prompt="hi"), "r"
+    )
     assert prepared.stop_strings == () and prepared.engine_request.sampling.max_tokens == 16
 
 
@@ -166,7 +170,12 @@ def test_errors_survive_pickling_and_ray_wrapping():
     import pickle
 
     error = pickle.loads(pickle.dumps(ContextLengthExceededError("too long", param="prompt")))
-    assert (type(error), error.param, error.code, error.status_code) == (ContextLengthExceededError, "prompt", "context_length_exceeded", 400)
+    assert (type(error), error.param, error.code, error.status_code) == (
+        ContextLengthExceededError,
+        "prompt",
+        "context_length_exceeded",
+        400,
+    )
     assert as_openai_error(RuntimeError("boom")).status_code == 500
 
 

@@ -17,7 +17,9 @@ MODELS = ["tiny", "small"]
 @pytest.fixture(scope="module")
 def tokenizers(graph: Graph) -> dict:
     return {
-        name: AutoTokenizer.from_pretrained(ensure_local_model(LocalBuildRecipe(**graph.model_spec(name)["build"]), default_cache_dir()))
+        name: AutoTokenizer.from_pretrained(
+            ensure_local_model(LocalBuildRecipe(**graph.model_spec(name)["build"]), default_cache_dir())
+        )
         for name in MODELS
     }
 
@@ -58,13 +60,20 @@ def test_completion_streaming_matches_non_streaming(client, tokenizers, model):
     assert whole.choices[0].text == text and len(text) > 0
     assert whole.choices[0].finish_reason == finish == "length"
     prompt_tokens = len(tokenizers[model].encode(prompt))
-    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (prompt_tokens, 24, prompt_tokens + 24)
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (
+        prompt_tokens,
+        24,
+        prompt_tokens + 24,
+    )
     assert usage == whole.usage
 
 
 @pytest.mark.parametrize("model", ["tiny-chat", "small-latest"])
 def test_chat_streaming_matches_non_streaming(client, tokenizers, model):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Où est la bibliothèque ? 你好"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Où est la bibliothèque ? 你好"},
+    ]
     request = dict(model=model, messages=messages, max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
     whole = client.chat.completions.create(**request)
     text, finish, usage = stream_chat(client, **request)
@@ -78,7 +87,11 @@ def test_chat_streaming_matches_non_streaming(client, tokenizers, model):
 
 def test_two_models_answer_differently(client):
     outputs = {
-        model: client.completions.create(model=model, prompt="Hello", max_tokens=16, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+        model: client.completions.create(
+            model=model, prompt="Hello", max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
         for model in MODELS
     }
     assert outputs["tiny"] != outputs["small"]
@@ -88,7 +101,9 @@ def test_two_models_answer_differently(client):
 def test_stop_string_truncates_output(client, stream):
     request = dict(model="tiny", prompt="Numbers:", max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
     full = client.completions.create(**request).choices[0].text
-    stop = next(full[i : i + 3] for i in range(8, len(full) - 3) if full[i : i + 3].strip() and full.find(full[i : i + 3]) == i)
+    stop = next(
+        full[i : i + 3] for i in range(8, len(full) - 3) if full[i : i + 3].strip() and full.find(full[i : i + 3]) == i
+    )
     expected = full[: full.find(stop)]
     if stream:
         text, finish, _ = stream_completion(client, stop=[stop], **request)
@@ -117,7 +132,10 @@ def test_reject_policy_names_prompt_tokens_and_limit(client, tokenizers, graph):
     error = info.value.body
     assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
     n_prompt = len(tokenizers["tiny"].encode(prompt))
-    assert f"maximum context length is {limit} tokens" in error["message"] and f"{n_prompt} in the prompt" in error["message"]
+    assert (
+        f"maximum context length is {limit} tokens" in error["message"]
+        and f"{n_prompt} in the prompt" in error["message"]
+    )
 
 
 BAD_REQUESTS = {
@@ -155,7 +173,10 @@ def test_bad_input_gets_openai_error_and_graph_keeps_serving(client, graph, case
 
 
 def test_bad_chat_input(graph):
-    for body in [{"model": "tiny", "messages": []}, {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}]:
+    for body in [
+        {"model": "tiny", "messages": []},
+        {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]},
+    ]:
         response = httpx.post(f"{graph.openai_base_url}/chat/completions", json=body, timeout=30)
         assert response.status_code == 400 and response.json()["error"]["param"].startswith("messages")
 
@@ -173,10 +194,16 @@ def test_healthz(graph):
 def test_client_disconnect_aborts_engine_request(graph):
     before = graph.engine_stats()["small"]
     max_tokens = graph.model_spec("small")["max_model_len"] - 20
-    body = {"model": "small", "prompt": "Tell me a long story", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+    body = {
+        "model": "small",
+        "prompt": "Tell me a long story",
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", f"{graph.openai_base_url}/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
-        received = [line for line, _ in zip(lines, range(3))]
+        received = [next(lines) for _ in range(3)]
     assert all(line.startswith("data: {") for line in received if line)
 
     def aborted() -> dict | None:
