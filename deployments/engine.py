@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +16,8 @@ from deployments.messages import EngineRequest, TokenChunk
 from models.build import resolve_model_source
 from models.engine_config import cpu_kv_cache_gib, engine_kwargs, kv_cache_bytes
 from models.spec import ModelSpec
+
+logger = logging.getLogger("ray.serve.servegraph.engine")
 
 
 @dataclass
@@ -62,22 +66,30 @@ def _set_cpu_kv_cache_budget(model_source: str, spec: ModelSpec) -> None:
 @serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
 class Engine:
     def __init__(self, spec: ModelSpec, cache_dir: str | None = None) -> None:
+        # vLLM's logging setup (dictConfig at import) closes Serve's log handlers: the
+        # replica would log nothing, request ids included, once vLLM is imported.
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         source = resolve_model_source(spec, Path(cache_dir) if cache_dir else None)
         on_cpu = current_platform.is_cpu()
         if on_cpu:
             _set_cpu_kv_cache_budget(source, spec)
         self._spec = spec
-        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(spec, source, on_cpu)))
+        self._engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**engine_kwargs(spec, source, on_cpu)),
+            stat_loggers=[RayPrometheusStatLogger],  # vllm:* queue, running, KV cache series
+        )
         self._counters = EngineCounters()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenChunk]:
         from vllm.inputs import TokensPrompt
 
         self._counters.started += 1
+        started = time.perf_counter()
         outputs = self._engine.generate(
             TokensPrompt(prompt_token_ids=request.prompt_token_ids),
             sampling_params(request, self._spec.stream_interval),
@@ -87,8 +99,10 @@ class Engine:
             async for output in outputs:
                 completion = output.outputs[0]
                 self._counters.generated_tokens += len(completion.token_ids)
-                yield TokenChunk(list(completion.token_ids), completion.finish_reason)
+                elapsed = time.perf_counter() - started if output.finished else None
+                yield TokenChunk(list(completion.token_ids), completion.finish_reason, elapsed)
             self._counters.finished += 1
+            logger.info("engine request finished", extra={"engine_request_id": request.request_id})
         except (asyncio.CancelledError, GeneratorExit):
             self._counters.aborted += 1
             raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from fastapi import FastAPI, Request
@@ -36,6 +36,7 @@ from deployments.protocol import (
     new_id,
 )
 from deployments.streaming import until_finished
+from deployments.telemetry import RequestRecord, RequestTelemetry, RequestTrace, status_of
 
 logger = logging.getLogger("servegraph.ingress")
 
@@ -92,17 +93,23 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {first['msg']}" if param else first["msg"]), param
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Every failure, including FastAPI's own, answers with an OpenAI error body."""
+def install_error_handlers(app: FastAPI, on_rejected: Callable[[Request, OpenAIError], None] | None = None) -> None:
+    """Every failure, including FastAPI's own, answers with an OpenAI error body.
+
+    on_rejected hears of requests refused before any handler ran (unparseable bodies).
+    """
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(OpenAIError(message, param=param, code="invalid_request"))
+        error = OpenAIError(message, param=param, code="invalid_request")
+        if on_rejected is not None:
+            on_rejected(request, error)
+        return error_response(error)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -179,40 +186,66 @@ class ChatShape:
 
 
 async def sse_events(
-    stages: GraphStages, prepared: PreparedRequest, request: OpenAIRequest, shape: ResponseShape, model: str
+    stages: GraphStages, prepared: PreparedRequest, request: OpenAIRequest, shape: ResponseShape, trace: RequestTrace
 ) -> AsyncIterator[str]:
-    request_id = prepared.engine_request.request_id
-    first = shape.first_chunk(request_id, model)
+    response_id, model = prepared.engine_request.request_id, request.model
+    first = shape.first_chunk(response_id, model)
     if first is not None:
         yield sse(first)
     last: TextChunk | None = None
+    status = 200
     try:
         async for chunk in stages.stream(prepared):
+            trace.first_token()
             last = chunk
-            yield sse(shape.chunk(request_id, model, chunk))
+            yield sse(shape.chunk(response_id, model, chunk))
     except Exception as exc:  # headers are gone: report the failure in the stream itself
         error = as_openai_error(exc)
-        logger.warning("stream %s failed: %s", request_id, error.message)
+        status = error.status_code
+        logger.warning("stream %s failed: %s", response_id, error.message)
         yield sse(json.dumps(error.body()))
+    except BaseException as exc:  # the client went away
+        status = status_of(exc)
+        raise
     else:
         if last is not None and request.include_usage_in_stream:
-            yield sse(shape.usage_chunk(request_id, model, last))
+            yield sse(shape.usage_chunk(response_id, model, last))
+    finally:
+        trace.finish(status, last)
     yield sse("[DONE]")
 
 
-def build_openai_app(stages: GraphStages) -> FastAPI:
-    app = FastAPI(title="servegraph", description="OpenAI-compatible multi-model serving graph")
-    install_error_handlers(app)
+def request_id_of(http_request: Request) -> str:
+    """Serve's proxy puts the client's X-Request-Id (or one it made) in the headers."""
+    return http_request.headers.get("x-request-id") or new_id("req")
 
-    async def generate(request: OpenAIRequest, shape: ResponseShape):
-        route = await stages.resolve(request.model)
-        prepared = await stages.prepare(route, request, new_id(shape.id_prefix))
-        request_id = prepared.engine_request.request_id
-        if request.stream:
-            return StreamingResponse(
-                sse_events(stages, prepared, request, shape, request.model), media_type="text/event-stream"
-            )
-        return shape.response(request_id, request.model, await stages.complete(prepared))
+
+def build_openai_app(
+    stages: GraphStages, application: str = "llm", observe: Callable[[RequestRecord], None] = lambda record: None
+) -> FastAPI:
+    """The OpenAI API over stages; observe gets one RequestRecord per finished request."""
+    app = FastAPI(title="servegraph", description="OpenAI-compatible multi-model serving graph")
+
+    def on_rejected(http_request: Request, error: OpenAIError) -> None:
+        RequestTrace(observe, request_id_of(http_request), application, "-", stream=False).finish(error.status_code)
+
+    install_error_handlers(app, on_rejected)
+
+    async def generate(http_request: Request, request: OpenAIRequest, shape: ResponseShape):
+        trace = RequestTrace(observe, request_id_of(http_request), application, request.model, request.stream)
+        try:
+            route = await stages.resolve(request.model)
+            trace.version = route.version
+            prepared = await stages.prepare(route, request, new_id(shape.id_prefix))
+            if request.stream:
+                events = sse_events(stages, prepared, request, shape, trace)
+                return StreamingResponse(events, media_type="text/event-stream")
+            result = await stages.complete(prepared)
+        except BaseException as exc:
+            trace.finish(status_of(exc))
+            raise
+        trace.finish(200, result)
+        return shape.response(prepared.engine_request.request_id, request.model, result)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -223,12 +256,12 @@ def build_openai_app(stages: GraphStages) -> FastAPI:
         return await stages.model_list()
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(request: CompletionRequest):
-        return await generate(request, CompletionShape())
+    async def completions(http_request: Request, request: CompletionRequest):
+        return await generate(http_request, request, CompletionShape())
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: ChatCompletionRequest):
-        return await generate(request, ChatShape())
+    async def chat_completions(http_request: Request, request: ChatCompletionRequest):
+        return await generate(http_request, request, ChatShape())
 
     return app
 
@@ -238,6 +271,8 @@ def build_openai_app(stages: GraphStages) -> FastAPI:
 class Ingress:
     def __init__(self, router: DeploymentHandle, tokenizer: DeploymentHandle, postprocess: DeploymentHandle):
         self._stages = HandleStages(router, tokenizer, postprocess)
+        self._telemetry = RequestTelemetry()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_openai_app(self._stages)
+        application = serve.get_replica_context().app_name
+        return build_openai_app(self._stages, application, self._telemetry.observe)

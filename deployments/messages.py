@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,14 @@ class PreparedRequest:
 
 @dataclass(frozen=True)
 class TokenChunk:
-    """New token ids from the engine since the previous chunk."""
+    """New token ids from the engine since the previous chunk.
+
+    The last chunk carries how long the request spent inside the engine.
+    """
 
     token_ids: list[int]
     finish_reason: str | None = None
+    engine_seconds: float | None = None
 
 
 @dataclass
@@ -68,4 +72,4 @@ class TextChunk:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    engine_seconds: float | None = None

@@ -97,7 +97,7 @@ class TextAssembler:
             self.finish_reason = chunk.finish_reason
         if not text and self.finish_reason is None:
             return None
-        return TextChunk(text, self._prompt_tokens, self.completion_tokens, self.finish_reason)
+        return TextChunk(text, self._prompt_tokens, self.completion_tokens, self.finish_reason, chunk.engine_seconds)
 
 
 async def assemble_text(
@@ -115,7 +115,8 @@ async def assemble_text(
 
 def merge_chunks(chunks: list[TextChunk]) -> TextChunk:
     last = chunks[-1]
-    return TextChunk("".join(c.text for c in chunks), last.prompt_tokens, last.completion_tokens, last.finish_reason)
+    text = "".join(c.text for c in chunks)
+    return TextChunk(text, last.prompt_tokens, last.completion_tokens, last.finish_reason, last.engine_seconds)
 
 
 @serve.deployment(name="postprocess", ray_actor_options={"num_cpus": 0.25})

@@ -23,8 +23,9 @@ T = TypeVar("T")
 
 # Ray's own switch for Serve's fast path (user code and handle routing on one event loop,
 # gRPC between replicas, GC frozen after start): it doubled the graph's throughput here.
-# Serve reads it at import, so it must be in the environment of the whole Ray cluster.
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# It also buffers 1,000 request-path log lines; access logs must land as requests finish.
+# Serve reads these at import, so they must be in the environment of the whole Ray cluster.
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
 
 
 def free_port() -> int:
@@ -64,6 +65,7 @@ class LocalServeCluster:
         self._work_dir = work_dir
         self._num_cpus = num_cpus
         self._dashboard_port = free_port()
+        self._metrics_port = free_port()
 
     @property
     def base_url(self) -> str:
@@ -72,6 +74,17 @@ class LocalServeCluster:
     @property
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self._dashboard_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Prometheus text exposition of every metric of this node, Ray's and ours."""
+        return f"http://127.0.0.1:{self._metrics_port}/metrics"
+
+    @property
+    def logs_dir(self) -> Path:
+        import ray
+
+        return Path(ray._private.worker._global_node.get_logs_dir_path())
 
     def start(self, timeout_s: float = 600) -> LocalServeCluster:
         import ray
@@ -85,6 +98,7 @@ class LocalServeCluster:
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             dashboard_port=self._dashboard_port,
+            _metrics_export_port=self._metrics_port,
             log_to_driver=False,
         )
         try:

@@ -12,6 +12,7 @@ from deployments.ingress import build_openai_app
 from deployments.messages import ModelRoute, PreparedRequest, TextChunk, TokenChunk
 from deployments.postprocess import assemble_text, merge_chunks
 from deployments.router import ModelRegistry
+from deployments.telemetry import RequestRecord
 from deployments.tokenizer import PromptTokenizer
 
 
@@ -28,7 +29,7 @@ class ScriptedEngine:
             if self.fail_after is not None and i == self.fail_after:
                 raise RuntimeError("engine died")
             last = i == request.sampling.max_tokens - 1
-            yield TokenChunk([ids[i % len(ids)]], "length" if last else None)
+            yield TokenChunk([ids[i % len(ids)]], "length" if last else None, 0.5 if last else None)
 
 
 class InProcessStages:
@@ -56,10 +57,15 @@ class InProcessStages:
 
 
 @pytest.fixture
-def make_client(tiny_spec, tiny_tokenizer):
+def records() -> list[RequestRecord]:
+    return []
+
+
+@pytest.fixture
+def make_client(tiny_spec, tiny_tokenizer, records):
     def make(engine: ScriptedEngine | None = None) -> TestClient:
         stages = InProcessStages(tiny_spec, tiny_tokenizer, engine or ScriptedEngine())
-        return TestClient(build_openai_app(stages), raise_server_exceptions=False)
+        return TestClient(build_openai_app(stages, "llm", records.append), raise_server_exceptions=False)
 
     return make
 
@@ -128,3 +134,34 @@ def test_requested_logprobs_are_refused_clearly(make_client):
 def test_wrong_method_is_openai_error(make_client):
     response = make_client().get("/v1/completions")
     assert response.status_code == 405 and response.json()["error"]["code"] == "405"
+
+
+def test_one_record_per_request_with_tokens_and_engine_time(make_client, records, tiny_tokenizer):
+    client = make_client()
+    client.post("/v1/completions", json={"model": "tiny-chat", "prompt": "hello", "max_tokens": 5},
+                headers={"x-request-id": "req-abc"})  # fmt: skip
+    [record] = records
+    assert (record.request_id, record.application, record.model, record.version) == (
+        "req-abc",
+        "llm",
+        "tiny-chat",
+        "v1",
+    )
+    assert (record.status, record.stream, record.completion_tokens) == (200, False, 5)
+    assert record.prompt_tokens == len(tiny_tokenizer.encode("hello"))
+    assert record.engine_s == 0.5 and record.ttft_s is None
+
+
+def test_stream_record_has_ttft_and_tpot(make_client, records):
+    make_client().post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 4, "stream": True})
+    [record] = records
+    assert record.stream and record.status == 200 and record.completion_tokens == 4
+    assert 0 <= record.ttft_s <= record.latency_s and record.tpot_s is not None
+
+
+def test_failures_and_rejections_are_recorded_with_their_status(make_client, records):
+    client = make_client(ScriptedEngine(fail_after=2))
+    client.post("/v1/completions", json={"model": "tiny", "prompt": "hello world", "max_tokens": 8, "stream": True})
+    client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
+    client.post("/v1/completions", content=b"{broken", headers={"content-type": "application/json"})
+    assert [(r.model, r.status) for r in records] == [("tiny", 500), ("nope", 404), ("-", 400)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +19,8 @@ poll = wait_for
 class Graph:
     base_url: str
     config: dict
+    metrics_url: str
+    logs_dir: Path
 
     @property
     def openai_base_url(self) -> str:
@@ -35,7 +38,7 @@ class Graph:
 def graph(tmp_path_factory) -> Iterator[Graph]:
     os.environ["SERVEGRAPH_CACHE_DIR"] = str(tmp_path_factory.mktemp("model-cache"))
     with LocalServeCluster(load_config(), tmp_path_factory.mktemp("graph")) as cluster:
-        yield Graph(base_url=cluster.base_url, config=cluster.config)
+        yield Graph(cluster.base_url, cluster.config, cluster.metrics_url, cluster.logs_dir)
 
 
 @pytest.fixture(scope="session")

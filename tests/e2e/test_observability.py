@@ -1,0 +1,104 @@
+"""Metrics move by the right amounts; request ids run through every stage's JSON logs."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Graph, poll
+
+SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
+
+
+def scrape(graph: Graph) -> dict[tuple[str, frozenset], float]:
+    samples = {}
+    for line in httpx.get(graph.metrics_url, timeout=10).text.splitlines():
+        match = SAMPLE.match(line)
+        if match:
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
+            samples[(match["name"], labels)] = float(match["value"])
+    return samples
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(value for (metric, tags), value in samples.items() if metric == name and wanted <= tags)
+
+
+def test_request_and_token_counters_move_by_what_was_served(client, graph):
+    before = scrape(graph)
+    n, max_tokens = 3, 7
+    prompt_tokens = 0
+    for _ in range(n):
+        response = client.completions.create(
+            model="small", prompt="count me", max_tokens=max_tokens, extra_body={"ignore_eos": True}
+        )
+        prompt_tokens += response.usage.prompt_tokens
+    for _ in range(2):
+        httpx.post(f"{graph.openai_base_url}/completions", json={"model": "small", "prompt": "x", "max_tokens": 0})
+
+    ok = {"model": "small", "application": "llm", "version": "v1", "tenant": "default"}
+
+    def moved() -> dict | None:
+        after = scrape(graph)
+        served = total(after, "ray_servegraph_requests_total", status="200", **ok) - total(
+            before, "ray_servegraph_requests_total", status="200", **ok
+        )
+        return after if served >= n else None
+
+    after = poll(moved, 60, "the request counter to reach the exporter", interval_s=1)
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    assert delta("ray_servegraph_requests_total", status="200", **ok) == n
+    assert delta("ray_servegraph_completion_tokens_total", **ok) == n * max_tokens
+    assert delta("ray_servegraph_prompt_tokens_total", **ok) == prompt_tokens
+    assert delta("ray_servegraph_e2e_latency_seconds_count", **ok) == n
+    assert delta("ray_servegraph_engine_time_seconds_count", **ok) == n
+    assert delta("ray_servegraph_graph_time_seconds_count", **ok) == n
+    assert delta("ray_servegraph_requests_total", status="400", application="llm") >= 2
+    vllm_series = sorted({name for name, _ in after if "vllm" in name})
+    engine_series = {"ray_vllm_kv_cache_usage_perc", "ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting"}
+    assert engine_series <= set(vllm_series), vllm_series
+
+
+def test_request_id_is_returned_and_carried_by_every_stage(graph):
+    request_id = f"trace-{uuid.uuid4().hex[:12]}"
+    response = httpx.post(
+        f"{graph.openai_base_url}/completions",
+        json={"model": "tiny", "prompt": "follow me", "max_tokens": 3},
+        headers={"X-Request-Id": request_id},
+        timeout=30,
+    )
+    assert response.status_code == 200 and response.headers["x-request-id"] == request_id
+
+    stages = {"ingress", "router", "tokenizer", "postprocess", "engine-tiny"}
+
+    def lines_by_deployment() -> dict[str, list[dict]]:
+        found: dict[str, list[dict]] = {}
+        for path in (graph.logs_dir / "serve").glob("replica_llm_*.log"):
+            deployment = path.stem.removeprefix("replica_llm_").rsplit("_", 1)[0]
+            for line in path.read_text(errors="replace").splitlines():
+                if request_id in line and line.startswith("{"):
+                    found.setdefault(deployment, []).append(json.loads(line))
+        return found
+
+    def every_stage_logged() -> dict[str, list[dict]] | None:
+        found = lines_by_deployment()
+        return found if stages <= set(found) else None
+
+    try:
+        found = poll(every_stage_logged, 30, "every stage to log the request id")
+    except TimeoutError:
+        pytest.fail(f"only these stages logged {request_id}: {sorted(lines_by_deployment())}")
+    access = [r for r in found["ingress"] if r.get("message") == "request finished"]
+    assert len(access) == 1
+    fields = access[0]["servegraph"]
+    assert (fields["model"], fields["version"], fields["status"], fields["completion_tokens"]) == ("tiny", "v1", 200, 3)
+    assert fields["latency_s"] >= fields["engine_s"] > 0
+    assert "follow me" not in json.dumps(found)
