@@ -197,6 +197,7 @@ async def sse_events(
     try:
         async for chunk in stages.stream(prepared):
             trace.first_token()
+            trace.text(chunk)
             last = chunk
             yield sse(shape.chunk(response_id, model, chunk))
     except Exception as exc:  # headers are gone: report the failure in the stream itself
@@ -235,12 +236,13 @@ def build_openai_app(
         trace = RequestTrace(observe, request_id_of(http_request), application, request.model, request.stream)
         try:
             route = await stages.resolve(request.model)
-            trace.version = route.version
+            trace.routed(route, request.model_dump_json(include={"prompt", "messages"}))
             prepared = await stages.prepare(route, request, new_id(shape.id_prefix))
             if request.stream:
                 events = sse_events(stages, prepared, request, shape, trace)
                 return StreamingResponse(events, media_type="text/event-stream")
             result = await stages.complete(prepared)
+            trace.text(result)
         except BaseException as exc:
             trace.finish(status_of(exc))
             raise

@@ -12,6 +12,7 @@ class ModelRoute:
     model: str
     version: str
     engine: str
+    log_payloads: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ class ModelRegistry:
     def __init__(self, specs: list[ModelSpec]) -> None:
         self._specs = {spec.name: spec for spec in specs}
         self._routes = {
-            served: ModelRoute(model=spec.name, version=spec.version, engine=spec.engine_deployment_name)
+            served: ModelRoute(spec.name, spec.version, spec.engine_deployment_name, spec.log_payloads)
             for spec in specs
             for served in spec.served_names
         }

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from deployments.errors import as_openai_error
-from deployments.messages import TextChunk
+from deployments.messages import ModelRoute, TextChunk
 
 # A child of Serve's logger, so lines land in the replica's log file in Serve's encoding
 # (JSON when the Serve config's logging_config says so) with Serve's request_id attached.
@@ -42,6 +42,8 @@ class RequestRecord:
     ttft_s: float | None = None
     engine_s: float | None = None
     finish_reason: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
 
     @property
     def tpot_s(self) -> float | None:
@@ -120,10 +122,22 @@ class RequestTrace:
     version: str = "-"
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    prompt: str | None = None
+    completion_parts: list[str] | None = None
+
+    def routed(self, route: ModelRoute, prompt: str) -> None:
+        """Only a model whose spec says log_payloads gets its text into the record."""
+        self.version = route.version
+        if route.log_payloads:
+            self.prompt, self.completion_parts = prompt, []
 
     def first_token(self) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+
+    def text(self, chunk: TextChunk) -> None:
+        if self.completion_parts is not None:
+            self.completion_parts.append(chunk.text)
 
     def finish(self, status: int, last: TextChunk | None = None) -> None:
         self.observe(
@@ -140,5 +154,7 @@ class RequestTrace:
                 ttft_s=None if self.first_token_at is None else self.first_token_at - self.started,
                 engine_s=last.engine_seconds if last else None,
                 finish_reason=last.finish_reason if last else None,
+                prompt=self.prompt,
+                completion=None if self.completion_parts is None else "".join(self.completion_parts),
             )
         )

@@ -75,6 +75,7 @@ class ModelSpec(StrictModel):
     stream_interval: int = Field(
         8, ge=1, description="Tokens per streamed chunk after the first; fewer messages per hop under load."
     )
+    log_payloads: bool = Field(False, description="Put prompts and completions in the access log.")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed through to vLLM as is.")
 
     @model_validator(mode="after")

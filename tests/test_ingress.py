@@ -63,8 +63,9 @@ def records() -> list[RequestRecord]:
 
 @pytest.fixture
 def make_client(tiny_spec, tiny_tokenizer, records):
-    def make(engine: ScriptedEngine | None = None) -> TestClient:
-        stages = InProcessStages(tiny_spec, tiny_tokenizer, engine or ScriptedEngine())
+    def make(engine: ScriptedEngine | None = None, **spec_changes) -> TestClient:
+        spec = tiny_spec.model_copy(update=spec_changes)
+        stages = InProcessStages(spec, tiny_tokenizer, engine or ScriptedEngine())
         return TestClient(build_openai_app(stages, "llm", records.append), raise_server_exceptions=False)
 
     return make
@@ -165,3 +166,14 @@ def test_failures_and_rejections_are_recorded_with_their_status(make_client, rec
     client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
     client.post("/v1/completions", content=b"{broken", headers={"content-type": "application/json"})
     assert [(r.model, r.status) for r in records] == [("tiny", 500), ("nope", 404), ("-", 400)]
+
+
+def test_payloads_stay_out_of_records_unless_the_model_says_so(make_client, records):
+    body = {"model": "tiny", "prompt": "secret plan", "max_tokens": 3}
+    make_client().post("/v1/completions", json=body)
+    make_client(log_payloads=True).post("/v1/completions", json=body)
+    make_client(log_payloads=True).post("/v1/completions", json={**body, "stream": True})
+    hidden, shown, streamed = records
+    assert (hidden.prompt, hidden.completion) == (None, None)
+    assert "secret plan" in shown.prompt and shown.completion and "secret plan".startswith(shown.completion)
+    assert streamed.completion == shown.completion

@@ -9,6 +9,7 @@ import uuid
 import httpx
 import pytest
 
+from graphs.local_cluster import ROOT
 from tests.e2e.conftest import Graph, poll
 
 SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
@@ -31,6 +32,7 @@ def total(samples: dict, name: str, **labels: str) -> float:
 
 def test_request_and_token_counters_move_by_what_was_served(client, graph):
     before = scrape(graph)
+    list(client.completions.create(model="tiny", prompt="stream me", max_tokens=4, stream=True))
     n, max_tokens = 3, 7
     prompt_tokens = 0
     for _ in range(n):
@@ -42,15 +44,17 @@ def test_request_and_token_counters_move_by_what_was_served(client, graph):
         httpx.post(f"{graph.openai_base_url}/completions", json={"model": "small", "prompt": "x", "max_tokens": 0})
 
     ok = {"model": "small", "application": "llm", "version": "v1", "tenant": "default"}
+    engine_series = {"ray_vllm_kv_cache_usage_perc", "ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting"}
 
     def moved() -> dict | None:
         after = scrape(graph)
         served = total(after, "ray_servegraph_requests_total", status="200", **ok) - total(
             before, "ray_servegraph_requests_total", status="200", **ok
         )
-        return after if served >= n else None
+        engines_exported = engine_series <= {name for name, _ in after}
+        return after if served >= n and engines_exported else None
 
-    after = poll(moved, 60, "the request counter to reach the exporter", interval_s=1)
+    after = poll(moved, 60, "our counters and vLLM's engine gauges to reach the exporter", interval_s=1)
 
     def delta(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
@@ -62,9 +66,14 @@ def test_request_and_token_counters_move_by_what_was_served(client, graph):
     assert delta("ray_servegraph_engine_time_seconds_count", **ok) == n
     assert delta("ray_servegraph_graph_time_seconds_count", **ok) == n
     assert delta("ray_servegraph_requests_total", status="400", application="llm") >= 2
-    vllm_series = sorted({name for name, _ in after if "vllm" in name})
-    engine_series = {"ray_vllm_kv_cache_usage_perc", "ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting"}
-    assert engine_series <= set(vllm_series), vllm_series
+    assert delta("ray_servegraph_ttft_seconds_count", model="tiny") == 1
+
+    dashboard = json.loads((ROOT / "graphs" / "grafana-dashboard.json").read_text())
+    queried = {
+        m for panel in dashboard["panels"] for t in panel["targets"] for m in re.findall(r"\bray_\w+", t["expr"])
+    }
+    exported = {name for name, _ in after}
+    assert queried - exported == set(), "the dashboard queries series nobody exports"
 
 
 def test_request_id_is_returned_and_carried_by_every_stage(graph):
