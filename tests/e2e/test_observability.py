@@ -30,8 +30,22 @@ def total(samples: dict, name: str, **labels: str) -> float:
     return sum(value for (metric, tags), value in samples.items() if metric == name and wanted <= tags)
 
 
+def settled_scrape(graph: Graph) -> dict:
+    """A scrape whose servegraph series equal those of the previous poll, two report intervals earlier."""
+    previous: dict = {}
+
+    def settled() -> dict | None:
+        nonlocal previous
+        samples = scrape(graph)
+        ours = {key: value for key, value in samples.items() if key[0].startswith("ray_servegraph_")}
+        stable, previous = ours == previous, ours
+        return samples if stable else None
+
+    return poll(settled, 60, "earlier requests' metrics to settle", interval_s=2.5)
+
+
 def test_request_and_token_counters_move_by_what_was_served(client, graph):
-    before = scrape(graph)
+    before = settled_scrape(graph)
     list(client.completions.create(model="tiny", prompt="stream me", max_tokens=4, stream=True))
     n, max_tokens = 3, 7
     prompt_tokens = 0
