@@ -37,7 +37,8 @@ class Graph:
 @pytest.fixture(scope="session")
 def graph(tmp_path_factory) -> Iterator[Graph]:
     os.environ["SERVEGRAPH_CACHE_DIR"] = str(tmp_path_factory.mktemp("model-cache"))
-    with LocalServeCluster(load_config(), tmp_path_factory.mktemp("graph")) as cluster:
+    work_dir = tmp_path_factory.mktemp("graph")
+    with LocalServeCluster(load_config(), work_dir, metrics_report_interval_ms=1000) as cluster:
         yield Graph(cluster.base_url, cluster.config, cluster.metrics_url, cluster.logs_dir)
 
 

@@ -32,7 +32,7 @@ def total(samples: dict, name: str, **labels: str) -> float:
 
 def settled_scrape(graph: Graph) -> dict:
     """A scrape whose servegraph series equal those of the previous poll, two report intervals earlier."""
-    previous: dict = {}
+    previous: dict | None = None  # never "stable" on the first read
 
     def settled() -> dict | None:
         nonlocal previous
