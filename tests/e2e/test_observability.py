@@ -30,6 +30,10 @@ def total(samples: dict, name: str, **labels: str) -> float:
     return sum(value for (metric, tags), value in samples.items() if metric == name and wanted <= tags)
 
 
+def growth(before: dict, after: dict, name: str, **labels: str) -> float:
+    return total(after, name, **labels) - total(before, name, **labels)
+
+
 def settled_scrape(graph: Graph) -> dict:
     """A scrape whose servegraph series equal those of the previous poll, two report intervals earlier."""
     previous: dict | None = None  # never "stable" on the first read
@@ -58,29 +62,25 @@ def test_request_and_token_counters_move_by_what_was_served(client, graph):
         httpx.post(f"{graph.openai_base_url}/completions", json={"model": "small", "prompt": "x", "max_tokens": 0})
 
     ok = {"model": "small", "application": "llm", "version": "v1", "tenant": "default"}
+    expected = [
+        ("ray_servegraph_requests_total", {"status": "200", **ok}, n),
+        ("ray_servegraph_completion_tokens_total", ok, n * max_tokens),
+        ("ray_servegraph_prompt_tokens_total", ok, prompt_tokens),
+        ("ray_servegraph_e2e_latency_seconds_count", ok, n),
+        ("ray_servegraph_engine_time_seconds_count", ok, n),
+        ("ray_servegraph_graph_time_seconds_count", ok, n),
+        ("ray_servegraph_requests_total", {"status": "400", "application": "llm"}, 2),
+        ("ray_servegraph_ttft_seconds_count", {"model": "tiny"}, 1),
+    ]
     engine_series = {"ray_vllm_kv_cache_usage_perc", "ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting"}
 
-    def moved() -> dict | None:
+    def all_exported() -> dict | None:
         after = scrape(graph)
-        served = total(after, "ray_servegraph_requests_total", status="200", **ok) - total(
-            before, "ray_servegraph_requests_total", status="200", **ok
-        )
-        engines_exported = engine_series <= {name for name, _ in after}
-        return after if served >= n and engines_exported else None
+        reached = all(growth(before, after, name, **labels) >= want for name, labels, want in expected)
+        return after if reached and engine_series <= {name for name, _ in after} else None
 
-    after = poll(moved, 60, "our counters and vLLM's engine gauges to reach the exporter", interval_s=1)
-
-    def delta(name: str, **labels: str) -> float:
-        return total(after, name, **labels) - total(before, name, **labels)
-
-    assert delta("ray_servegraph_requests_total", status="200", **ok) == n
-    assert delta("ray_servegraph_completion_tokens_total", **ok) == n * max_tokens
-    assert delta("ray_servegraph_prompt_tokens_total", **ok) == prompt_tokens
-    assert delta("ray_servegraph_e2e_latency_seconds_count", **ok) == n
-    assert delta("ray_servegraph_engine_time_seconds_count", **ok) == n
-    assert delta("ray_servegraph_graph_time_seconds_count", **ok) == n
-    assert delta("ray_servegraph_requests_total", status="400", application="llm") >= 2
-    assert delta("ray_servegraph_ttft_seconds_count", model="tiny") == 1
+    after = poll(all_exported, 60, "our counters and vLLM's engine gauges to reach the exporter", interval_s=1)
+    assert [growth(before, after, name, **labels) for name, labels, _ in expected] == [want for *_, want in expected]
 
     dashboard = json.loads((ROOT / "graphs" / "grafana-dashboard.json").read_text())
     queried = {
