@@ -236,7 +236,7 @@ def build_openai_app(
         trace = RequestTrace(observe, request_id_of(http_request), application, request.model, request.stream)
         try:
             route = await stages.resolve(request.model)
-            trace.routed(route, request.model_dump_json(include={"prompt", "messages"}))
+            trace.routed(route, request)
             prepared = await stages.prepare(route, request, new_id(shape.id_prefix))
             if request.stream:
                 events = sse_events(stages, prepared, request, shape, trace)

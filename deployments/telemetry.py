@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from pydantic import BaseModel
+
 from deployments.errors import as_openai_error
 from deployments.messages import ModelRoute, TextChunk
 
@@ -125,11 +127,12 @@ class RequestTrace:
     prompt: str | None = None
     completion_parts: list[str] | None = None
 
-    def routed(self, route: ModelRoute, prompt: str) -> None:
+    def routed(self, route: ModelRoute, request: BaseModel) -> None:
         """Only a model whose spec says log_payloads gets its text into the record."""
         self.version = route.version
         if route.log_payloads:
-            self.prompt, self.completion_parts = prompt, []
+            self.prompt = request.model_dump_json(include={"prompt", "messages"})
+            self.completion_parts = []
 
     def first_token(self) -> None:
         if self.first_token_at is None:
