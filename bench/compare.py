@@ -1,91 +1,105 @@
-"""Benchmark the graph against a bare vLLM server, side by side, with vLLM's own client.
+"""Benchmark OpenAI-compatible servers side by side on the same local model, with vLLM's own client.
 
-    python -m bench.compare --model tiny --concurrency 32 --output-len 64
+    python -m bench.compare                                   # servegraph vs bare vLLM vs ray.serve.llm, 32 streams
+    python -m bench.compare --concurrency 1,8,32 --range-ratio 0.5
+    python -m bench.compare --request-rate 4,8,16 --targets servegraph,vllm
+    python -m bench.compare --url http://host:8000 --served-model my-model --targets ""   # any endpoint
 
-Each target is started, loaded with `vllm bench serve` (random prompts, ignore_eos, the
-same seed), and stopped before the next starts, so they never share the two cores.
+Targets are started one at a time (each alone on the machine), loaded at every load point with
+`vllm bench serve` (random prompts, ignore_eos, the same seed), then stopped. Prints a table and
+the ratios ours/others; writes JSON and a PNG plot next to each other under --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from bench.targets import build_targets, local_model_dir
+from bench.report import OURS, plot, ratio_table, ratios, table
+from bench.targets import ExternalTarget, build_targets, local_model_dir
+from bench.workload import LoadPoint, Workload
 
-METRICS = [
-    ("output tok/s", "output_throughput", "{:.0f}"),
-    ("req/s", "request_throughput", "{:.2f}"),
-    ("TTFT p50 ms", "median_ttft_ms", "{:.1f}"),
-    ("TTFT p99 ms", "p99_ttft_ms", "{:.1f}"),
-    ("TPOT p50 ms", "median_tpot_ms", "{:.2f}"),
-    ("E2E p50 ms", "median_e2el_ms", "{:.0f}"),
-]
+DEFAULT_TARGETS = "servegraph,vllm,ray-llm-0ms,ray-llm"
 
 
-def run_load(base_url: str, model: str, tokenizer_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    result_file = Path(tempfile.mkdtemp()) / "result.json"
-    command = [
-        sys.executable, "-m", "bench.vllm_bench", "--backend", "openai", "--base-url", base_url,
-        "--endpoint", "/v1/completions", "--model", model, "--tokenizer", str(tokenizer_dir),
-        "--dataset-name", "random", "--random-input-len", str(args.input_len),
-        "--random-output-len", str(args.output_len), "--ignore-eos", "--seed", "0",
-        "--max-concurrency", str(args.concurrency), "--num-prompts", str(args.num_prompts),
-        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-        "--save-result", "--result-filename", str(result_file),
-    ]  # fmt: skip
-    subprocess.run(command, check=True)
-    return json.loads(result_file.read_text())
+def load_points(args: argparse.Namespace) -> list[LoadPoint]:
+    if args.request_rate:
+        return [LoadPoint(request_rate=float(rate)) for rate in args.request_rate.split(",")]
+    return [LoadPoint(concurrency=int(c)) for c in args.concurrency.split(",")]
 
 
-def table(results: dict[str, dict[str, Any]]) -> str:
-    names = list(results)
-    rows = [["metric", *names]]
-    rows += [[label, *(fmt.format(results[n][key]) for n in names)] for label, key, fmt in METRICS]
-    if "servegraph" in results:
-        for other in (n for n in names if n != "servegraph"):
-            ratio = results["servegraph"]["output_throughput"] / results[other]["output_throughput"]
-            ttft_gap = results["servegraph"]["median_ttft_ms"] - results[other]["median_ttft_ms"]
-            rows.append([f"ours/{other}", f"{ratio:.2f}x tok/s, TTFT p50 {ttft_gap:+.1f} ms", *[""] * (len(names) - 1)])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |" for row in rows
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--targets", default="servegraph,vllm")
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--model", default="tiny", help="model of graphs/local.yaml every started target serves")
+    parser.add_argument("--targets", default=DEFAULT_TARGETS, help="servegraph, vllm, ray-llm, ray-llm-0ms")
+    parser.add_argument("--url", help="also benchmark this running OpenAI-compatible server")
+    parser.add_argument("--served-model", help="model name to send to --url (default: --model)")
+    parser.add_argument("--concurrency", default="32", help="comma-separated concurrent streams")
+    parser.add_argument("--request-rate", help="comma-separated request rates (req/s) instead of concurrency")
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/compare.json"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in len*(1 +- ratio)")
+    parser.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
+    parser.add_argument("--no-hops", action="store_true", help="skip the per-hop latency of the graph")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for JSON and PNG")
+    return parser.parse_args(argv)
 
-    spec, targets = build_targets(args.targets.split(","), args.model)
-    results, details = {}, {}
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workload = Workload(args.input_len, args.output_len, args.range_ratio, args.num_prompts, args.endpoint)
+    points = load_points(args)
+    spec, targets = build_targets([t for t in args.targets.split(",") if t], args.model)
+    if args.url:
+        targets.append(ExternalTarget(args.url, args.served_model or spec.name))
+    tokenizer = local_model_dir(spec)
+    work_dir = Path(tempfile.mkdtemp(prefix="servegraph-bench-"))
+
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    latency: dict[str, dict[str, float]] = {}
+    runs, total = 0, len(targets) * len(points)
     for target in targets:
         with target as base_url:
-            results[target.name] = run_load(base_url, spec.name, local_model_dir(spec), args)
-            details[target.name] = target.details(base_url)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"args": vars(args) | {"out": str(args.out)}, "results": results, "latency": details}
-    args.out.write_text(json.dumps(report, indent=2))
-    print(
-        f"\n{args.concurrency} concurrent streams, {args.input_len} prompt / {args.output_len} output tokens, "
-        f"{args.num_prompts} requests"
-    )
+            for point in points:
+                runs += 1
+                print(f"[{runs}/{total}] {target.name} {point.label}", file=sys.stderr, flush=True)
+                run_dir = work_dir / target.name
+                run_dir.mkdir(exist_ok=True)
+                results.setdefault(target.name, {})[point.label] = workload.run(
+                    base_url, target.model, tokenizer, point, run_dir
+                )
+            if not args.no_hops:
+                latency[target.name] = target.details(base_url)
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / f"bench-{stamp}.json", args.out / f"bench-{stamp}.png"
+    report = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "results": results,
+        "ratios": ratios(results) if OURS in results else {},
+        "one_token_latency_ms": latency,
+    }
+    json_path.write_text(json.dumps(report, indent=2))
+    x_label = "request rate (req/s)" if args.request_rate else "concurrent streams"
+    title = f"{spec.name}: {args.input_len} prompt / {args.output_len} output tokens (+-{args.range_ratio:.0%})"
+    plot(results, {p.label: p.x for p in points}, x_label, title, png_path)
+
+    print(f"\n{title}, {args.num_prompts} requests per point; times in ms")
     print(table(results))
-    print("\nSequential one-token requests, median ms (per-hop figures call each stage's handle directly):")
-    for name, figures in details.items():
-        print(f"  {name}: " + ", ".join(f"{key} {value:.1f}" for key, value in figures.items()))
+    if OURS in results:
+        print("\n" + ratio_table(results))
+    if latency:
+        print("\nSequential one-token requests, median ms (graph hops call each stage's handle directly):")
+        for name, figures in latency.items():
+            print(f"  {name}: " + ", ".join(f"{key} {value:.1f}" for key, value in figures.items()))
+    print(f"\nwrote {json_path} and {png_path}")
     return 0
 
 

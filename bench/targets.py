@@ -1,4 +1,5 @@
-"""Servers to benchmark: our graph and a bare vLLM OpenAI server of the same model."""
+"""Servers to benchmark, all on the same local model: our graph, a bare vLLM OpenAI server,
+and Ray's own `ray.serve.llm` OpenAI app."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import httpx
 from graphs.config import LLMAppArgs
 from graphs.local_cluster import LocalServeCluster, free_port, load_config, wait_for
 from models.build import default_cache_dir, ensure_local_model
+from models.engine_config import CPU_MEMORY_UTILIZATION
 from models.spec import ModelSpec
 
 
@@ -36,12 +38,25 @@ def single_model_config(config: dict[str, Any], model: str) -> dict[str, Any]:
     return {**config, "applications": [{**app, "args": {**app["args"], "models": models}, "deployments": deployments}]}
 
 
-class ServegraphTarget:
-    name = "servegraph"
+class HttpLatency:
+    """Targets measured only from outside: one-token request latency over HTTP."""
 
-    def __init__(self, config: dict[str, Any], model: str) -> None:
-        self._model = model
-        self._cluster = LocalServeCluster(single_model_config(config, model), Path(tempfile.mkdtemp()))
+    name: str
+    model: str
+
+    def details(self, base_url: str) -> dict[str, float]:
+        from bench.hops import one_token_http_ms
+
+        return {"http ms": one_token_http_ms(base_url, self.model)}
+
+
+class ClusterTarget(HttpLatency):
+    """A Serve config deployed on a Ray head owned by this process for the length of the `with`."""
+
+    def __init__(self, name: str, model: str, config: dict[str, Any]) -> None:
+        self.name = name
+        self.model = model
+        self._cluster = LocalServeCluster(config, Path(tempfile.mkdtemp()))
 
     def __enter__(self) -> str:
         self._cluster.start()
@@ -50,19 +65,66 @@ class ServegraphTarget:
     def __exit__(self, *exc_info: object) -> None:
         self._cluster.stop()
 
+
+class ServegraphTarget(ClusterTarget):
+    def __init__(self, config: dict[str, Any], model: str) -> None:
+        super().__init__("servegraph", model, single_model_config(config, model))
+
     def details(self, base_url: str) -> dict[str, float]:
         from bench.hops import hop_latencies
 
-        return hop_latencies(base_url, self._model)
+        return hop_latencies(base_url, self.model)
 
 
-class BareVllmTarget:
+class RayServeLLMTarget(ClusterTarget):
+    """Ray's `ray.serve.llm.build_openai_app` over the same model.
+
+    stream_batching_interval_ms None keeps Ray's default (it batches stream chunks for 50 ms);
+    0 sends every chunk as it comes, which is the fair comparison for TTFT.
+    """
+
+    def __init__(self, spec: ModelSpec, model_dir: Path, stream_batching_interval_ms: int | None) -> None:
+        name = "ray-llm" if stream_batching_interval_ms is None else f"ray-llm-{stream_batching_interval_ms}ms"
+        config = {"applications": [self.application(spec, model_dir, stream_batching_interval_ms)]}
+        super().__init__(name, spec.name, config)
+
+    @staticmethod
+    def application(spec: ModelSpec, model_dir: Path, batching_ms: int | None) -> dict[str, Any]:
+        experimental = {} if batching_ms is None else {"stream_batching_interval_ms": batching_ms}
+        llm_config = {
+            "model_loading_config": {"model_id": spec.name, "model_source": str(model_dir)},
+            "engine_kwargs": {
+                "dtype": spec.dtype,
+                "max_model_len": spec.max_model_len,
+                "max_num_seqs": spec.max_num_seqs,
+                "enforce_eager": True,
+                "gpu_memory_utilization": CPU_MEMORY_UTILIZATION,
+            },
+            # A CPU-only bundle makes ray.serve.llm pick its CPU accelerator config.
+            "placement_group_config": {"bundles": [{"CPU": 0.5}]},
+            "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+            "experimental_configs": experimental,
+        }
+        return {
+            "name": "llm",
+            "route_prefix": "/",
+            "import_path": "ray.serve.llm:build_openai_app",
+            "args": {
+                "llm_configs": [llm_config],
+                # Its ingress asks for a whole CPU by default and would wait forever on two cores.
+                "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0.1}},
+            },
+        }
+
+
+class BareVllmTarget(HttpLatency):
     """`vllm serve` of the same model (vllm-cpu needs the module form, see RUNTIME-NOTES)."""
 
     name = "vllm"
 
     def __init__(self, spec: ModelSpec, model_dir: Path) -> None:
         self._spec = spec
+        self.model = spec.name
         self._model_dir = model_dir
         self._port = free_port()
         self._process: subprocess.Popen | None = None
@@ -84,11 +146,6 @@ class BareVllmTarget:
         wait_for(lambda: self._healthy(base_url), 300, "the bare vLLM server", interval_s=1)
         return base_url
 
-    def details(self, base_url: str) -> dict[str, float]:
-        from bench.hops import one_token_http_ms
-
-        return {"http ms": one_token_http_ms(base_url, self._spec.name)}
-
     def _healthy(self, base_url: str) -> bool:
         if self._process is not None and self._process.poll() is not None:
             raise RuntimeError(f"vLLM server exited with {self._process.returncode}")
@@ -108,6 +165,22 @@ class BareVllmTarget:
             self._process.wait()
 
 
+class ExternalTarget(HttpLatency):
+    """A server someone else runs: nothing to start or stop."""
+
+    name = "endpoint"
+
+    def __init__(self, base_url: str, model: str) -> None:
+        self._base_url = base_url.rstrip("/")
+        self.model = model
+
+    def __enter__(self) -> str:
+        return self._base_url
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+
 def local_model_dir(spec: ModelSpec) -> Path:
     if spec.build is None:
         raise ValueError(f"model {spec.name!r} is not a local build; benchmark a local model")
@@ -120,6 +193,8 @@ def build_targets(names: list[str], model: str, config_path: Path | None = None)
     makers = {
         "servegraph": lambda: ServegraphTarget(config, model),
         "vllm": lambda: BareVllmTarget(spec, local_model_dir(spec)),
+        "ray-llm": lambda: RayServeLLMTarget(spec, local_model_dir(spec), None),
+        "ray-llm-0ms": lambda: RayServeLLMTarget(spec, local_model_dir(spec), 0),
     }
     unknown = set(names) - set(makers)
     if unknown:

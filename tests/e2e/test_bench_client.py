@@ -1,50 +1,35 @@
-"""`vllm bench serve` works unchanged against the graph (its payload carries vLLM extensions)."""
+"""The benchmark command drives the running graph with vLLM's client and writes JSON and a plot."""
 
 import json
 import subprocess
 import sys
 
-from models.build import default_cache_dir, ensure_local_model
-from models.spec import LocalBuildRecipe
+
+def test_benchmark_sweeps_the_graph_and_writes_json_and_png(graph, tmp_path):
+    command = [
+        sys.executable, "-m", "bench.compare", "--targets", "", "--url", graph.base_url, "--served-model", "tiny",
+        "--concurrency", "1,4", "--num-prompts", "8", "--input-len", "32", "--output-len", "16",
+        "--range-ratio", "0.5", "--no-hops", "--out", str(tmp_path),
+    ]  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    (json_path,) = tmp_path.glob("bench-*.json")
+    (png_path,) = tmp_path.glob("bench-*.png")
+    results = json.loads(json_path.read_text())["results"]["endpoint"]
+    assert {point: (r["completed"], r["failed"]) for point, r in results.items()} == {"c=1": (8, 0), "c=4": (8, 0)}
+    assert all(r["output_throughput"] > 0 and r["median_ttft_ms"] > 0 for r in results.values())
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| endpoint | c=4" in finished.stdout
 
 
-def test_vllm_bench_serve_runs_against_the_graph(graph, tmp_path):
+def test_vllm_bench_serve_runs_unchanged_against_the_graph(graph, tmp_path):
+    """Its payload carries vLLM extensions (repetition_penalty, logprobs: null) we must accept."""
+    from bench.workload import LoadPoint, Workload
+    from models.build import default_cache_dir, ensure_local_model
+    from models.spec import LocalBuildRecipe
+
     tokenizer_dir = ensure_local_model(LocalBuildRecipe(**graph.model_spec("tiny")["build"]), default_cache_dir())
-    result_file = tmp_path / "result.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.vllm_bench",
-            "--backend",
-            "openai",
-            "--base-url",
-            graph.base_url,
-            "--endpoint",
-            "/v1/completions",
-            "--model",
-            "tiny",
-            "--tokenizer",
-            str(tokenizer_dir),
-            "--dataset-name",
-            "random",
-            "--random-input-len",
-            "32",
-            "--random-output-len",
-            "16",
-            "--ignore-eos",
-            "--num-prompts",
-            "8",
-            "--max-concurrency",
-            "4",
-            "--disable-tqdm",
-            "--save-result",
-            "--result-filename",
-            str(result_file),
-        ],  # fmt: skip
-        check=True,
-        capture_output=True,
-    )
-    result = json.loads(result_file.read_text())
-    summary = (result["completed"], result["failed"], result["total_output_tokens"])
-    assert summary == (8, 0, 8 * 16), [e for e in result.get("errors", []) if e]
+    workload = Workload(input_len=32, output_len=16, num_prompts=8, endpoint="/v1/chat/completions")
+    result = workload.run(graph.base_url, "tiny", tokenizer_dir, LoadPoint(concurrency=4), tmp_path)
+    assert (result["completed"], result["failed"], result["total_output_tokens"]) == (8, 0, 8 * 16)

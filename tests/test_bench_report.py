@@ -1,0 +1,62 @@
+"""Benchmark arithmetic and rendering, without servers."""
+
+from pathlib import Path
+
+import pytest
+
+from bench.compare import load_points, parse_args
+from bench.report import plot, ratio_table, ratios, table
+from bench.workload import LoadPoint, Workload
+
+
+def summary(tok_s: float, ttft_ms: float) -> dict:
+    return {
+        "completed": 10, "failed": 0, "output_throughput": tok_s, "request_throughput": tok_s / 64,
+        "median_ttft_ms": ttft_ms, "p99_ttft_ms": 2 * ttft_ms, "median_tpot_ms": 9.0, "median_e2el_ms": 700.0,
+    }  # fmt: skip
+
+
+RESULTS = {
+    "servegraph": {"c=1": summary(100, 20), "c=32": summary(900, 120)},
+    "vllm": {"c=1": summary(125, 10), "c=32": summary(1000, 100)},
+}
+
+
+def test_ratios_are_ours_over_theirs_per_load_point():
+    assert ratios(RESULTS) == {
+        "vllm": {
+            "c=1": {"throughput_ratio": 0.8, "ttft_p50_gap_ms": 10},
+            "c=32": {"throughput_ratio": 0.9, "ttft_p50_gap_ms": 20},
+        }
+    }
+    assert "| vllm    | c=32 | 0.90x" in ratio_table(RESULTS)
+
+
+def test_table_has_a_row_per_target_and_point():
+    rows = table(RESULTS).splitlines()
+    assert len(rows) == 2 + 4
+    assert rows[2].split("|")[1:4] == [" servegraph ", " c=1  ", " 100   "]
+
+
+def test_plot_writes_a_png(tmp_path: Path):
+    path = tmp_path / "plot.png"
+    plot(RESULTS, {"c=1": 1, "c=32": 32}, "concurrent streams", "test", path)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_load_points_are_concurrency_or_rate():
+    assert load_points(parse_args(["--concurrency", "1,8"])) == [LoadPoint(concurrency=1), LoadPoint(concurrency=8)]
+    assert load_points(parse_args(["--request-rate", "2.5"])) == [LoadPoint(request_rate=2.5)]
+
+
+@pytest.mark.parametrize(
+    ("point", "expected"),
+    [(LoadPoint(concurrency=4), ["--max-concurrency", "4"]), (LoadPoint(request_rate=2.0), ["--request-rate", "2.0"])],
+)
+def test_vllm_bench_command_carries_the_load_and_length_distribution(point, expected, tmp_path):
+    command = Workload(range_ratio=0.5, endpoint="/v1/chat/completions").command(
+        "http://h:1", "tiny", tmp_path, point, tmp_path / "r.json"
+    )
+    joined = " ".join(command)
+    assert " ".join(expected) in joined
+    assert "--random-range-ratio 0.5" in joined and "--backend openai-chat" in joined
