@@ -24,5 +24,8 @@ test: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+bench: setup
+	$(BIN)/python -m bench.compare
+
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -14,7 +14,7 @@ from ray import serve
 
 from deployments.messages import EngineRequest, TokenChunk
 from models.build import resolve_model_source
-from models.engine_config import cpu_kv_cache_gib, engine_kwargs, kv_cache_bytes
+from models.engine_config import cpu_kv_cache_gib, cpu_threads_bind, engine_kwargs, kv_cache_bytes
 from models.spec import ModelSpec
 
 logger = logging.getLogger("ray.serve.servegraph.engine")
@@ -78,6 +78,9 @@ class Engine:
         on_cpu = current_platform.is_cpu()
         if on_cpu:
             _set_cpu_kv_cache_budget(source, spec)
+            if spec.num_workers > 1:
+                bind = cpu_threads_bind(spec.num_workers, sorted(os.sched_getaffinity(0)))
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
         self._spec = spec
         self._engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs(**engine_kwargs(spec, source, on_cpu)),

@@ -11,20 +11,34 @@ from deployments.postprocess import Postprocess
 from deployments.router import Router
 from deployments.tokenizer import Tokenizer
 from graphs.config import AdminAppArgs, LLMAppArgs
+from models.placement import KNOWN_GPU_MEMORY_GIB, EngineMemory, check_memory, engine_deployment_options, model_shape
 
 LIGHT_STAGE_CPUS = 0.1
-ENGINE_CPUS = 0.5
 STAGE_MAX_ONGOING_REQUESTS = 512
+
+
+def check_gpu_budgets(args: LLMAppArgs) -> None:
+    """Refuse, before any replica starts, an engine whose weights and KV cache exceed its GPU share.
+
+    Only models pinned to a known GPU type can be checked here; `servegraph plan` checks the rest
+    against a cluster.
+    """
+    for spec in args.models:
+        memory_gib = KNOWN_GPU_MEMORY_GIB.get(spec.accelerator_type or "")
+        if memory_gib is not None and (spec.shape or spec.build):
+            check_memory(spec, EngineMemory.of(spec, model_shape(spec)), spec.accelerator_type, memory_gib)
 
 
 def build_llm_app(args: LLMAppArgs) -> Application:
     """ingress -> router, tokenizer -> postprocess -> one engine deployment per model."""
+    if args.accelerator == "gpu":
+        check_gpu_budgets(args)
     light = {"ray_actor_options": {"num_cpus": LIGHT_STAGE_CPUS}, "max_ongoing_requests": STAGE_MAX_ONGOING_REQUESTS}
     engines = {
         spec.engine_deployment_name: Engine.options(
             name=spec.engine_deployment_name,
-            ray_actor_options={"num_cpus": ENGINE_CPUS},
             max_ongoing_requests=2 * spec.max_num_seqs,
+            **engine_deployment_options(spec, args.accelerator),
         ).bind(spec, args.cache_dir)
         for spec in args.models
     }

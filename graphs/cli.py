@@ -71,31 +71,81 @@ def build_models(path: Path) -> list[Path]:
     return built
 
 
+def engine_replicas(app_config: dict, engine_name: str) -> int:
+    """The most replicas a config lets an engine deployment have."""
+    override = next((d for d in app_config.get("deployments", []) if d.get("name") == engine_name), {})
+    autoscaling = override.get("autoscaling_config") or {}
+    return int(autoscaling.get("max_replicas") or override.get("num_replicas") or 1)
+
+
+def plan_config(path: Path, node_types) -> list[str]:
+    """The placement of every GPU application of a Serve config; PlacementError if one does not fit."""
+    from graphs.config import LLMAppArgs
+    from models.placement import plan_placement
+
+    reports = []
+    for app_config in yaml.safe_load(path.read_text())["applications"]:
+        if not app_config["import_path"].endswith(":build_llm_app"):
+            continue
+        args = LLMAppArgs.model_validate(app_config.get("args", {}))
+        if args.accelerator == "cpu":
+            reports.append(f"application {app_config['name']!r} runs on CPU: no GPUs to place")
+            continue
+        models = [(spec, engine_replicas(app_config, spec.engine_deployment_name)) for spec in args.models]
+        reports.append(f"application {app_config['name']!r}:\n{plan_placement(models, node_types).render()}")
+    return reports
+
+
+def cluster_node_types(args: argparse.Namespace):
+    from models.cluster import load_launcher_config, node_types_from_launcher, node_types_from_live_cluster
+
+    gpu_memory = dict(item.split("=", 1) for item in args.gpu_memory)
+    gpu_memory = {gpu: float(gib) for gpu, gib in gpu_memory.items()}
+    if args.address:
+        import ray
+
+        ray.init(address=args.address, log_to_driver=False)
+        return node_types_from_live_cluster(gpu_memory)
+    return node_types_from_launcher(load_launcher_config(args.cluster), gpu_memory)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from models.placement import PlacementError
+
     parser = argparse.ArgumentParser(prog="servegraph", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [
         ("validate", "check a Serve config's typed args and deployment overrides"),
         ("build-models", "build the config's local models into the cache"),
         ("run", "validate, build local models, then `serve run` the config"),
+        ("plan", "print where each model's engines go on a cluster's GPUs, or why they do not fit"),
     ]:
-        commands.add_parser(name, help=help_text).add_argument("config", type=Path)
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("config", type=Path)
+        if name == "plan":
+            command.add_argument("--cluster", type=Path, default=Path("cluster.yaml"), help="cluster-launcher file")
+            command.add_argument("--address", help="plan against this live Ray cluster instead (e.g. auto)")
+            command.add_argument(
+                "--gpu-memory", action="append", default=[], metavar="TYPE=GIB", help="memory of a GPU type"
+            )
     args = parser.parse_args(argv)
 
     try:
         summary = validate_config(args.config)
-    except ConfigError as exc:
+        if args.command == "plan":
+            summary = plan_config(args.config, cluster_node_types(args))
+    except (ConfigError, PlacementError) as exc:
         print(f"servegraph: {exc}", file=sys.stderr)
         return 2
-    if args.command == "validate":
+    if args.command in ("validate", "plan"):
         print("\n".join(summary))
         return 0
     for model_dir in build_models(args.config):
         print(f"model ready: {model_dir}")
     if args.command == "run":
-        from graphs.local_cluster import SERVE_ENV
+        from graphs.local_cluster import SERVE_ENV, haproxy_env
 
-        for name, value in SERVE_ENV.items():
+        for name, value in (SERVE_ENV | haproxy_env()).items():
             os.environ.setdefault(name, value)
         serve = shutil.which("serve") or str(Path(sys.executable).with_name("serve"))
         os.execv(serve, [serve, "run", str(args.config)])

