@@ -48,7 +48,6 @@ async def _measure(base_url: str, model: str, app: str, repeats: int) -> dict[st
         return [chunk async for chunk in engine.generate.remote(fresh().engine_request)]
 
     t = {
-        "router": await median_ms(lambda: router.resolve.remote(model), repeats),
         "tokenizer": await median_ms(lambda: tokenizer.prepare.remote(route, request, "hops"), repeats),
         "engine": await median_ms(engine_call, repeats),
         "postprocess+engine": await median_ms(lambda: postprocess.complete.remote(fresh()), repeats),
@@ -56,10 +55,9 @@ async def _measure(base_url: str, model: str, app: str, repeats: int) -> dict[st
     }
     return {
         **{f"{name} ms": value for name, value in t.items()},
-        "added by router hop ms": t["router"],
         "added by tokenizer hop ms": t["tokenizer"],
         "added by postprocess hop ms": t["postprocess+engine"] - t["engine"],
-        "added by proxy+ingress ms": t["http"] - t["router"] - t["tokenizer"] - t["postprocess+engine"],
+        "added by proxy+ingress ms": t["http"] - t["tokenizer"] - t["postprocess+engine"],
     }
 
 

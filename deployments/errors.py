@@ -64,6 +64,22 @@ class ServiceUnavailableError(OpenAIError):
     error_type = "service_unavailable"
 
 
+class OverloadedError(ServiceUnavailableError):
+    """A bounded queue is full: the client should retry after a pause, never wait unboundedly."""
+
+    default_code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs: Any) -> None:
+        headers = kwargs.pop("headers", None) or {"Retry-After": str(max(1, round(retry_after_s)))}
+        super().__init__(message, headers=headers, **kwargs)
+
+
+class RequestTimeoutError(OpenAIError):
+    status_code = 504
+    error_type = "timeout_error"
+    default_code = "timeout"
+
+
 class InternalServerError(OpenAIError):
     status_code = 500
     error_type = "internal_server_error"
@@ -71,9 +87,14 @@ class InternalServerError(OpenAIError):
 
 def as_openai_error(exc: BaseException) -> OpenAIError:
     """The OpenAIError behind exc, unwrapping Ray's task error; anything else becomes a 500."""
-    cause = getattr(exc, "cause", None)
+    from ray.serve.exceptions import BackPressureError
+
+    cause = getattr(exc, "cause", None) or exc
     if isinstance(cause, OpenAIError):
         return cause
-    if isinstance(exc, OpenAIError):
-        return exc
+    if isinstance(cause, BackPressureError):
+        return OverloadedError(
+            "The model is overloaded: its queue is full. Retry after the time in Retry-After.",
+            retry_after_s=cause._retry_after_s or 1.0,
+        )
     return InternalServerError(f"internal error: {type(exc).__name__}")

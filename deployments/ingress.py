@@ -18,7 +18,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.errors import OpenAIError, as_openai_error
+from deployments.errors import OpenAIError, RequestTimeoutError, as_openai_error
 from deployments.messages import ModelRoute, PreparedRequest, TextChunk
 from deployments.protocol import (
     AssistantMessage,
@@ -35,7 +35,8 @@ from deployments.protocol import (
     Usage,
     new_id,
 )
-from deployments.streaming import until_finished
+from deployments.router import ModelRegistry
+from deployments.streaming import Deadline, until_finished
 from deployments.telemetry import RequestRecord, RequestTelemetry, RequestTrace, status_of
 
 logger = logging.getLogger("servegraph.ingress")
@@ -54,16 +55,26 @@ class GraphStages(Protocol):
 
 
 class HandleStages:
-    """GraphStages over Serve deployment handles: one call per stage, one stream for text."""
+    """GraphStages over Serve deployment handles: one call to prepare, one stream for text.
+
+    The router owns the model registry; the ingress fetches it once and resolves names
+    in-process, which keeps a Ray hop off every request.
+    """
 
     def __init__(self, router: DeploymentHandle, tokenizer: DeploymentHandle, postprocess: DeploymentHandle):
         self._router = router
+        self._registry: ModelRegistry | None = None
         self._tokenizer = tokenizer
         self._postprocess = postprocess
         self._postprocess_stream = postprocess.options(stream=True)
 
+    async def registry(self) -> ModelRegistry:
+        if self._registry is None:
+            self._registry = await self._router.registry.remote()
+        return self._registry
+
     async def resolve(self, model: str) -> ModelRoute:
-        return await self._router.resolve.remote(model)
+        return (await self.registry()).resolve(model)
 
     async def prepare(self, route: ModelRoute, request: OpenAIRequest, request_id: str) -> PreparedRequest:
         return await self._tokenizer.prepare.remote(route, request, request_id)
@@ -77,7 +88,7 @@ class HandleStages:
         return await self._postprocess.complete.remote(prepared)
 
     async def model_list(self) -> ModelList:
-        return await self._router.model_list.remote()
+        return (await self.registry()).model_list()
 
 
 def error_response(error: OpenAIError) -> JSONResponse:
@@ -185,8 +196,30 @@ class ChatShape:
         return ChatCompletionChunk(id=request_id, model=model, choices=[], usage=usage_of(chunk)).model_dump_json()
 
 
+async def open_stream(stages: GraphStages, prepared: PreparedRequest, deadline: Deadline) -> AsyncIterator[TextChunk]:
+    """The text stream, once its first chunk is in: until then a failure (overload, timeout)
+    still gets its own HTTP status instead of an error event inside a 200 stream."""
+    chunks = deadline.iterate(stages.stream(prepared))
+    try:
+        first = await anext(chunks)
+    except BaseException:
+        await chunks.aclose()
+        raise
+
+    async def replay() -> AsyncIterator[TextChunk]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return replay()
+
+
 async def sse_events(
-    stages: GraphStages, prepared: PreparedRequest, request: OpenAIRequest, shape: ResponseShape, trace: RequestTrace
+    chunks: AsyncIterator[TextChunk],
+    prepared: PreparedRequest,
+    request: OpenAIRequest,
+    shape: ResponseShape,
+    trace: RequestTrace,
 ) -> AsyncIterator[str]:
     response_id, model = prepared.engine_request.request_id, request.model
     first = shape.first_chunk(response_id, model)
@@ -195,7 +228,7 @@ async def sse_events(
     last: TextChunk | None = None
     status = 200
     try:
-        async for chunk in stages.stream(prepared):
+        async for chunk in chunks:
             trace.first_token()
             trace.text(chunk)
             last = chunk
@@ -214,6 +247,10 @@ async def sse_events(
     finally:
         trace.finish(status, last)
     yield sse("[DONE]")
+
+
+def timeout_error(route: ModelRoute) -> RequestTimeoutError:
+    return RequestTimeoutError(f"The request to model `{route.model}` did not finish within {route.timeout_s:g} s.")
 
 
 def request_id_of(http_request: Request) -> str:
@@ -238,10 +275,12 @@ def build_openai_app(
             route = await stages.resolve(request.model)
             trace.routed(route, request)
             prepared = await stages.prepare(route, request, new_id(shape.id_prefix))
+            deadline = Deadline(route.timeout_s, lambda: timeout_error(route))
             if request.stream:
-                events = sse_events(stages, prepared, request, shape, trace)
+                chunks = await open_stream(stages, prepared, deadline)
+                events = sse_events(chunks, prepared, request, shape, trace)
                 return StreamingResponse(events, media_type="text/event-stream")
-            result = await stages.complete(prepared)
+            result = await deadline.run(stages.complete(prepared))
             trace.text(result)
         except BaseException as exc:
             trace.finish(status_of(exc))

@@ -13,6 +13,7 @@ class ModelRoute:
     version: str
     engine: str
     log_payloads: bool = False
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ class ModelRegistry:
     def __init__(self, specs: list[ModelSpec]) -> None:
         self._specs = {spec.name: spec for spec in specs}
         self._routes = {
-            served: ModelRoute(spec.name, spec.version, spec.engine_deployment_name, spec.log_payloads)
+            served: ModelRoute(
+                spec.name, spec.version, spec.engine_deployment_name, spec.log_payloads, spec.request_timeout_s
+            )
             for spec in specs
             for served in spec.served_names
         }
@@ -48,6 +50,9 @@ class ModelRegistry:
 class Router:
     def __init__(self, specs: list[ModelSpec]) -> None:
         self._registry = ModelRegistry(specs)
+
+    async def registry(self) -> ModelRegistry:
+        return self._registry
 
     async def resolve(self, name: str) -> ModelRoute:
         return self._registry.resolve(name)

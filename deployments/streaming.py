@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
 
@@ -33,3 +34,36 @@ async def until_finished(upstream: Cancellable, chunks: AsyncIterator[ChunkT]) -
     finally:
         if not finished:
             upstream.cancel()
+
+
+T = TypeVar("T")
+
+
+class Deadline:
+    """A time limit shared by every await of one request; None means no limit."""
+
+    def __init__(self, timeout_s: float | None, on_expiry: Callable[[], Exception]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._at = None if timeout_s is None else self._loop.time() + timeout_s
+        self._on_expiry = on_expiry
+
+    async def run(self, awaitable: Awaitable[T]) -> T:
+        """awaitable's result; cancelled (so aborted downstream) and the expiry error raised once time is up."""
+        if self._at is None:
+            return await awaitable
+        try:
+            return await asyncio.wait_for(awaitable, max(self._at - self._loop.time(), 0))
+        except asyncio.TimeoutError:
+            raise self._on_expiry() from None
+
+    async def iterate(self, chunks: AsyncIterator[T]) -> AsyncIterator[T]:
+        iterator = aiter(chunks)
+        try:
+            while True:
+                try:
+                    chunk = await self.run(anext(iterator))
+                except StopAsyncIteration:
+                    return
+                yield chunk
+        finally:
+            await iterator.aclose()

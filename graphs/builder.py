@@ -15,6 +15,7 @@ from models.placement import KNOWN_GPU_MEMORY_GIB, EngineMemory, check_memory, e
 
 LIGHT_STAGE_CPUS = 0.1
 STAGE_MAX_ONGOING_REQUESTS = 512
+STAGE_MAX_QUEUED_REQUESTS = 2048
 
 
 def check_gpu_budgets(args: LLMAppArgs) -> None:
@@ -30,14 +31,22 @@ def check_gpu_budgets(args: LLMAppArgs) -> None:
 
 
 def build_llm_app(args: LLMAppArgs) -> Application:
-    """ingress -> router, tokenizer -> postprocess -> one engine deployment per model."""
+    """ingress -> tokenizer, then ingress -> postprocess -> one engine deployment per model.
+
+    The router owns the model registry; the ingress resolves names with a copy it fetches once.
+    """
     if args.accelerator == "gpu":
         check_gpu_budgets(args)
-    light = {"ray_actor_options": {"num_cpus": LIGHT_STAGE_CPUS}, "max_ongoing_requests": STAGE_MAX_ONGOING_REQUESTS}
+    light = {
+        "ray_actor_options": {"num_cpus": LIGHT_STAGE_CPUS},
+        "max_ongoing_requests": STAGE_MAX_ONGOING_REQUESTS,
+        "max_queued_requests": STAGE_MAX_QUEUED_REQUESTS,
+    }
     engines = {
         spec.engine_deployment_name: Engine.options(
             name=spec.engine_deployment_name,
             max_ongoing_requests=2 * spec.max_num_seqs,
+            max_queued_requests=spec.engine_queue_limit,
             **engine_deployment_options(spec, args.accelerator),
         ).bind(spec, args.cache_dir)
         for spec in args.models

@@ -95,6 +95,14 @@ class ModelSpec(StrictModel):
         8, ge=1, description="Tokens per streamed chunk after the first; fewer messages per hop under load."
     )
     log_payloads: bool = Field(False, description="Put prompts and completions in the access log.")
+    request_timeout_s: float | None = Field(
+        600, gt=0, description="A request still running after this gets 504 (streams: an error event) and is aborted."
+    )
+    max_queued_requests: int | None = Field(
+        None,
+        ge=0,
+        description="Requests waiting for the engine beyond max_ongoing; more get 503. Default 2 x max_num_seqs.",
+    )
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed through to vLLM as is.")
 
     @model_validator(mode="after")
@@ -105,6 +113,10 @@ class ModelSpec(StrictModel):
         if self.default_max_tokens >= self.max_model_len:
             raise ValueError(f"model {self.name!r}: default_max_tokens must be less than max_model_len")
         return self
+
+    @property
+    def engine_queue_limit(self) -> int:
+        return self.max_queued_requests if self.max_queued_requests is not None else 2 * self.max_num_seqs
 
     @property
     def num_workers(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -17,17 +18,21 @@ from deployments.tokenizer import PromptTokenizer
 
 
 class ScriptedEngine:
-    """Echoes the prompt's token ids back, one per chunk; can fail after a few chunks."""
+    """Echoes the prompt's token ids back, one per chunk; can fail after a few chunks or be slow."""
 
-    def __init__(self, fail_after: int | None = None) -> None:
+    def __init__(self, fail_after: int | None = None, error: Exception | None = None, delay_s: float = 0) -> None:
         self.fail_after = fail_after
+        self.error = error or RuntimeError("engine died")
+        self.delay_s = delay_s
 
     async def generate(self, prepared: PreparedRequest) -> AsyncIterator[TokenChunk]:
         request = prepared.engine_request
         ids = request.prompt_token_ids
         for i in range(request.sampling.max_tokens):
             if self.fail_after is not None and i == self.fail_after:
-                raise RuntimeError("engine died")
+                raise self.error
+            if i and self.delay_s:
+                await asyncio.sleep(self.delay_s)  # the engine's pace, not a wait in the test
             last = i == request.sampling.max_tokens - 1
             yield TokenChunk([ids[i % len(ids)]], "length" if last else None, 0.5 if last else None)
 
@@ -177,3 +182,36 @@ def test_payloads_stay_out_of_records_unless_the_model_says_so(make_client, reco
     assert (hidden.prompt, hidden.completion) == (None, None)
     assert "secret plan" in shown.prompt and shown.completion and "secret plan".startswith(shown.completion)
     assert streamed.completion == shown.completion
+
+
+def test_full_engine_queue_is_503_with_retry_after_even_for_streams(make_client, records):
+    from ray.serve.exceptions import BackPressureError
+
+    client = make_client(ScriptedEngine(fail_after=0, error=BackPressureError(9, 8, retry_after_s=3)))
+    for stream in (False, True):
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "stream": stream}
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 503 and response.headers["retry-after"] == "3"
+        assert response.json()["error"]["code"] == "overloaded"
+    assert [r.status for r in records] == [503, 503]
+
+
+def test_request_over_the_model_timeout_is_504(make_client):
+    client = make_client(ScriptedEngine(delay_s=0.2), request_timeout_s=0.3)
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 20})
+    assert response.status_code == 504
+    assert response.json()["error"] == {
+        "message": "The request to model `tiny` did not finish within 0.3 s.",
+        "type": "timeout_error",
+        "param": None,
+        "code": "timeout",
+    }
+
+
+def test_stream_over_the_model_timeout_ends_with_a_timeout_event(make_client):
+    client = make_client(ScriptedEngine(delay_s=0.2), request_timeout_s=0.3)
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 20, "stream": True})
+    payloads = sse_payloads(response)
+    assert response.status_code == 200 and payloads[-1] == "[DONE]"
+    assert json.loads(payloads[-2])["error"]["code"] == "timeout"
+    assert 1 <= len(payloads) - 2 < 20  # some text, then the deadline

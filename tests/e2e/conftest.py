@@ -34,11 +34,33 @@ class Graph:
         return httpx.get(f"{self.base_url}/admin/engines", timeout=10).json()
 
 
+# A second LLM application beside the default graph: one model with a one-request queue and a
+# short deadline, so overload and timeouts can be provoked without slowing the default models.
+LIMITS_APPS = [
+    {
+        "name": "limits",
+        "route_prefix": "/limits",
+        "import_path": "graphs.builder:build_llm_app",
+        "args": {
+            "accelerator": "cpu",
+            "models": [
+                {"name": "strict", "build": {"seed": 0}, "max_model_len": 2048, "max_num_seqs": 1,
+                 "max_queued_requests": 1, "request_timeout_s": 3, "default_max_tokens": 64}
+            ],
+        },
+    },
+    {"name": "limits-admin", "route_prefix": "/limits-admin", "import_path": "graphs.builder:build_admin_app",
+     "args": {"llm_app": "limits"}},
+]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def graph(tmp_path_factory) -> Iterator[Graph]:
     os.environ["SERVEGRAPH_CACHE_DIR"] = str(tmp_path_factory.mktemp("model-cache"))
     work_dir = tmp_path_factory.mktemp("graph")
-    with LocalServeCluster(load_config(), work_dir, metrics_report_interval_ms=1000) as cluster:
+    config = load_config()
+    config = {**config, "applications": config["applications"] + LIMITS_APPS}
+    with LocalServeCluster(config, work_dir, metrics_report_interval_ms=1000) as cluster:
         yield Graph(cluster.base_url, cluster.config, cluster.metrics_url, cluster.logs_dir)
 
 
