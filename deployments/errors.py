@@ -95,6 +95,6 @@ def as_openai_error(exc: BaseException) -> OpenAIError:
     if isinstance(cause, BackPressureError):
         return OverloadedError(
             "The model is overloaded: its queue is full. Retry after the time in Retry-After.",
-            retry_after_s=cause._retry_after_s or 1.0,
+            retry_after_s=cause.retry_after_s or 1.0,
         )
     return InternalServerError(f"internal error: {type(exc).__name__}")

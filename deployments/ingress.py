@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -113,6 +114,12 @@ def install_error_handlers(app: FastAPI, on_rejected: Callable[[Request, OpenAIE
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
         return error_response(exc)
+
+    # Class-specific handlers answer in ExceptionMiddleware; the generic one below re-raises into
+    # Serve, whose own backpressure handler would answer 503 in plain text.
+    @app.exception_handler(BackPressureError)
+    async def _overloaded(_: Request, exc: BackPressureError) -> JSONResponse:
+        return error_response(as_openai_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.errors import as_openai_error
 from deployments.messages import PreparedRequest, TextChunk, TokenChunk
 from deployments.streaming import until_finished
 from deployments.tokenizer import load_tokenizer
@@ -135,8 +137,11 @@ class Postprocess:
     async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]:
         token_chunks = self._engines[prepared.route.engine].generate.remote(prepared.engine_request)
         text_chunks = assemble_text(self._tokenizers[prepared.route.model], prepared, token_chunks)
-        async for text_chunk in until_finished(token_chunks, text_chunks):
-            yield text_chunk
+        try:
+            async for text_chunk in until_finished(token_chunks, text_chunks):
+                yield text_chunk
+        except BackPressureError as exc:  # the engine's queue is full: an OpenAI 503 crosses Ray intact
+            raise as_openai_error(exc) from None
 
     async def complete(self, prepared: PreparedRequest) -> TextChunk:
         return merge_chunks([chunk async for chunk in self.stream(prepared)])

@@ -48,6 +48,10 @@ LIMITS_APPS = [
                  "max_queued_requests": 1, "request_timeout_s": 3, "default_max_tokens": 64}
             ],
         },
+        # Small CPU asks, so this app fits beside the default graph's on two logical CPUs.
+        "deployments": [{"name": "engine-strict", "ray_actor_options": {"num_cpus": 0.2}}]
+        + [{"name": name, "ray_actor_options": {"num_cpus": 0.05}}
+           for name in ("ingress", "router", "tokenizer", "postprocess")],
     },
     {"name": "limits-admin", "route_prefix": "/limits-admin", "import_path": "graphs.builder:build_admin_app",
      "args": {"llm_app": "limits"}},
