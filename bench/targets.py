@@ -33,8 +33,8 @@ def single_model_config(config: dict[str, Any], model: str) -> dict[str, Any]:
     """The config's LLM app serving only `model`, and no other application."""
     app = llm_app(config)
     models = [m for m in app["args"]["models"] if m["name"] == model]
-    engine = f"engine-{model}"
-    deployments = [d for d in app.get("deployments", []) if not d["name"].startswith("engine-") or d["name"] == engine]
+    engines = {ModelSpec.model_validate(m).engine_deployment_name for m in models}
+    deployments = [d for d in app.get("deployments", []) if not d["name"].startswith("engine-") or d["name"] in engines]
     return {**config, "applications": [{**app, "args": {**app["args"], "models": models}, "deployments": deployments}]}
 
 

@@ -18,11 +18,11 @@ def build_admin_app(llm_app: str) -> FastAPI:
 
     @app.get("/engines")
     async def engines() -> dict[str, dict]:
-        """Counters of one replica of each engine (aborted requests, tokens, unfinished)."""
+        """Counters of one replica of each engine deployment (aborted requests, tokens, unfinished)."""
         engines = await serve.get_deployment_handle("router", app_name=llm_app).engine_names.remote()
         return {
-            model: await serve.get_deployment_handle(engine, app_name=llm_app).stats.remote()
-            for model, engine in sorted(engines.items())
+            engine: await serve.get_deployment_handle(engine, app_name=llm_app).stats.remote()
+            for engine in sorted(engines)
         }
 
     return app

@@ -60,18 +60,54 @@ class ModelNotFoundError(OpenAIError):
 
 
 class ServiceUnavailableError(OpenAIError):
+    """Cannot serve now; the client should retry after the pause in Retry-After."""
+
     status_code = 503
     error_type = "service_unavailable"
-
-
-class OverloadedError(ServiceUnavailableError):
-    """A bounded queue is full: the client should retry after a pause, never wait unboundedly."""
-
-    default_code = "overloaded"
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs: Any) -> None:
         headers = kwargs.pop("headers", None) or {"Retry-After": str(max(1, round(retry_after_s)))}
         super().__init__(message, headers=headers, **kwargs)
+
+
+class OverloadedError(ServiceUnavailableError):
+    """A bounded queue is full: never an unbounded wait."""
+
+    default_code = "overloaded"
+
+
+class ModelStartingError(ServiceUnavailableError):
+    """The model scaled to zero and its engine did not start within the cold-start bound."""
+
+    default_code = "model_starting"
+
+
+class ModelUnavailableError(ServiceUnavailableError):
+    """The model's circuit breaker is open and no fallback could serve the request."""
+
+    default_code = "model_unavailable"
+
+
+class EngineUnavailableError(ServiceUnavailableError):
+    """A replica on the request's path died (or is unreachable) before answering."""
+
+    default_code = "engine_unavailable"
+
+
+class UpstreamError(OpenAIError):
+    """An external upstream could not be reached or failed (5xx)."""
+
+    status_code = 502
+    error_type = "upstream_error"
+    default_code = "upstream_unavailable"
+
+
+class RateLimitError(OpenAIError):
+    """A tenant's own quota is used up: its problem, so never a reason to fall back."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
 
 
 class RequestTimeoutError(OpenAIError):
@@ -87,6 +123,7 @@ class InternalServerError(OpenAIError):
 
 def as_openai_error(exc: BaseException) -> OpenAIError:
     """The OpenAIError behind exc, unwrapping Ray's task error; anything else becomes a 500."""
+    from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError
 
     cause = getattr(exc, "cause", None) or exc
@@ -96,5 +133,9 @@ def as_openai_error(exc: BaseException) -> OpenAIError:
         return OverloadedError(
             "The model is overloaded: its queue is full. Retry after the time in Retry-After.",
             retry_after_s=cause.retry_after_s or 1.0,
+        )
+    if isinstance(cause, RayActorError):
+        return EngineUnavailableError(
+            "A replica serving this request stopped before it finished; Serve is replacing it. Retry the request."
         )
     return InternalServerError(f"internal error: {type(exc).__name__}")

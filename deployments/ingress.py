@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -20,7 +22,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import OpenAIError, RequestTimeoutError, as_openai_error
-from deployments.messages import ModelRoute, PreparedRequest, TextChunk
+from deployments.fallback import FallbackChain
+from deployments.messages import ModelRoute, PreparedRequest, TextChunk, merge_chunks
 from deployments.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -36,9 +39,12 @@ from deployments.protocol import (
     Usage,
     new_id,
 )
-from deployments.router import ModelRegistry
+from deployments.router import Link, ModelRegistry, TrafficWeights
 from deployments.streaming import Deadline, until_finished
 from deployments.telemetry import RequestRecord, RequestTelemetry, RequestTrace, status_of
+from deployments.upstream import UpstreamClient
+from graphs.config import IngressConfig
+from models.spec import UpstreamSpec
 
 logger = logging.getLogger("servegraph.ingress")
 
@@ -48,34 +54,45 @@ OpenAIRequest = CompletionRequest | ChatCompletionRequest
 class GraphStages(Protocol):
     """The calls the ingress makes into the rest of the graph."""
 
-    async def resolve(self, model: str) -> ModelRoute: ...
+    async def chain(self, model: str, session_key: str | None) -> list[Link]: ...
     async def prepare(self, route: ModelRoute, request: OpenAIRequest, request_id: str) -> PreparedRequest: ...
     def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]: ...
     async def complete(self, prepared: PreparedRequest) -> TextChunk: ...
+    def stream_upstream(self, upstream: UpstreamSpec, request: OpenAIRequest) -> AsyncIterator[TextChunk]: ...
     async def model_list(self) -> ModelList: ...
 
 
 class HandleStages:
     """GraphStages over Serve deployment handles: one call to prepare, one stream for text.
 
-    The router owns the model registry; the ingress fetches it once and resolves names
-    in-process, which keeps a Ray hop off every request.
+    The router owns the model registry; the ingress fetches it once and resolves names,
+    traffic splits and fallback chains in-process, which keeps a Ray hop off every request.
     """
 
     def __init__(self, router: DeploymentHandle, tokenizer: DeploymentHandle, postprocess: DeploymentHandle):
         self._router = router
         self._registry: ModelRegistry | None = None
+        self._traffic: TrafficWeights = {}
         self._tokenizer = tokenizer
         self._postprocess = postprocess
         self._postprocess_stream = postprocess.options(stream=True)
+        self._upstreams: dict[str, UpstreamClient] = {}
+        self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
 
     async def registry(self) -> ModelRegistry:
         if self._registry is None:
-            self._registry = await self._router.registry.remote()
+            registry = await self._router.registry.remote()
+            registry.set_traffic(self._traffic)
+            self._registry = registry
         return self._registry
 
-    async def resolve(self, model: str) -> ModelRoute:
-        return (await self.registry()).resolve(model)
+    async def set_traffic(self, traffic: TrafficWeights) -> None:
+        """New version weights; ValueError (and no change) if they name versions the graph lacks."""
+        (await self.registry()).set_traffic(traffic)
+        self._traffic = traffic
+
+    async def chain(self, model: str, session_key: str | None) -> list[Link]:
+        return (await self.registry()).chain(model, session_key)
 
     async def prepare(self, route: ModelRoute, request: OpenAIRequest, request_id: str) -> PreparedRequest:
         return await self._tokenizer.prepare.remote(route, request, request_id)
@@ -87,6 +104,11 @@ class HandleStages:
 
     async def complete(self, prepared: PreparedRequest) -> TextChunk:
         return await self._postprocess.complete.remote(prepared)
+
+    def stream_upstream(self, upstream: UpstreamSpec, request: OpenAIRequest) -> AsyncIterator[TextChunk]:
+        if upstream.name not in self._upstreams:
+            self._upstreams[upstream.name] = UpstreamClient(upstream, self._http)
+        return self._upstreams[upstream.name].stream(request)
 
     async def model_list(self) -> ModelList:
         return (await self.registry()).model_list()
@@ -153,60 +175,70 @@ def usage_of(chunk: TextChunk) -> Usage:
     )
 
 
+@dataclass(frozen=True)
+class ResponseMeta:
+    """What every response and chunk of one request carries besides text."""
+
+    id: str
+    model: str
+    system_fingerprint: str | None = None
+
+    def fields(self) -> dict[str, str | None]:
+        return {"id": self.id, "model": self.model, "system_fingerprint": self.system_fingerprint}
+
+
 class ResponseShape(Protocol):
     """How one endpoint renders text chunks: whole responses and stream chunks."""
 
     id_prefix: str
 
-    def response(
-        self, request_id: str, model: str, chunk: TextChunk
-    ) -> CompletionResponse | ChatCompletionResponse: ...
-    def first_chunk(self, request_id: str, model: str) -> str | None: ...
-    def chunk(self, request_id: str, model: str, chunk: TextChunk) -> str: ...
-    def usage_chunk(self, request_id: str, model: str, chunk: TextChunk) -> str: ...
+    def response(self, meta: ResponseMeta, chunk: TextChunk) -> CompletionResponse | ChatCompletionResponse: ...
+    def first_chunk(self, meta: ResponseMeta) -> str | None: ...
+    def chunk(self, meta: ResponseMeta, chunk: TextChunk) -> str: ...
+    def usage_chunk(self, meta: ResponseMeta, chunk: TextChunk) -> str: ...
 
 
 class CompletionShape:
     id_prefix = "cmpl"
 
-    def response(self, request_id: str, model: str, chunk: TextChunk) -> CompletionResponse:
+    def response(self, meta: ResponseMeta, chunk: TextChunk) -> CompletionResponse:
         choice = CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason)
-        return CompletionResponse(id=request_id, model=model, choices=[choice], usage=usage_of(chunk))
+        return CompletionResponse(**meta.fields(), choices=[choice], usage=usage_of(chunk))
 
-    def first_chunk(self, request_id: str, model: str) -> str | None:
+    def first_chunk(self, meta: ResponseMeta) -> str | None:
         return None
 
-    def chunk(self, request_id: str, model: str, chunk: TextChunk) -> str:
+    def chunk(self, meta: ResponseMeta, chunk: TextChunk) -> str:
         choice = CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason)
-        return CompletionResponse(id=request_id, model=model, choices=[choice]).model_dump_json()
+        return CompletionResponse(**meta.fields(), choices=[choice]).model_dump_json()
 
-    def usage_chunk(self, request_id: str, model: str, chunk: TextChunk) -> str:
-        return CompletionResponse(id=request_id, model=model, choices=[], usage=usage_of(chunk)).model_dump_json()
+    def usage_chunk(self, meta: ResponseMeta, chunk: TextChunk) -> str:
+        return CompletionResponse(**meta.fields(), choices=[], usage=usage_of(chunk)).model_dump_json()
 
 
 class ChatShape:
     id_prefix = "chatcmpl"
 
-    def response(self, request_id: str, model: str, chunk: TextChunk) -> ChatCompletionResponse:
+    def response(self, meta: ResponseMeta, chunk: TextChunk) -> ChatCompletionResponse:
         choice = ChatChoice(message=AssistantMessage(content=chunk.text), finish_reason=chunk.finish_reason)
-        return ChatCompletionResponse(id=request_id, model=model, choices=[choice], usage=usage_of(chunk))
+        return ChatCompletionResponse(**meta.fields(), choices=[choice], usage=usage_of(chunk))
 
-    def first_chunk(self, request_id: str, model: str) -> str | None:
+    def first_chunk(self, meta: ResponseMeta) -> str | None:
         choice = ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))
-        return ChatCompletionChunk(id=request_id, model=model, choices=[choice]).model_dump_json()
+        return ChatCompletionChunk(**meta.fields(), choices=[choice]).model_dump_json()
 
-    def chunk(self, request_id: str, model: str, chunk: TextChunk) -> str:
+    def chunk(self, meta: ResponseMeta, chunk: TextChunk) -> str:
         choice = ChatChunkChoice(delta=DeltaMessage(content=chunk.text), finish_reason=chunk.finish_reason)
-        return ChatCompletionChunk(id=request_id, model=model, choices=[choice]).model_dump_json()
+        return ChatCompletionChunk(**meta.fields(), choices=[choice]).model_dump_json()
 
-    def usage_chunk(self, request_id: str, model: str, chunk: TextChunk) -> str:
-        return ChatCompletionChunk(id=request_id, model=model, choices=[], usage=usage_of(chunk)).model_dump_json()
+    def usage_chunk(self, meta: ResponseMeta, chunk: TextChunk) -> str:
+        return ChatCompletionChunk(**meta.fields(), choices=[], usage=usage_of(chunk)).model_dump_json()
 
 
-async def open_stream(stages: GraphStages, prepared: PreparedRequest, deadline: Deadline) -> AsyncIterator[TextChunk]:
+async def open_stream(chunks: AsyncIterator[TextChunk], deadline: Deadline) -> AsyncIterator[TextChunk]:
     """The text stream, once its first chunk is in: until then a failure (overload, timeout)
-    still gets its own HTTP status instead of an error event inside a 200 stream."""
-    chunks = deadline.iterate(stages.stream(prepared))
+    still gets its own HTTP status, or a fallback, instead of an error event inside a 200 stream."""
+    chunks = deadline.iterate(chunks)
     try:
         first = await anext(chunks)
     except BaseException:
@@ -223,13 +255,12 @@ async def open_stream(stages: GraphStages, prepared: PreparedRequest, deadline: 
 
 async def sse_events(
     chunks: AsyncIterator[TextChunk],
-    prepared: PreparedRequest,
+    meta: ResponseMeta,
     request: OpenAIRequest,
     shape: ResponseShape,
     trace: RequestTrace,
 ) -> AsyncIterator[str]:
-    response_id, model = prepared.engine_request.request_id, request.model
-    first = shape.first_chunk(response_id, model)
+    first = shape.first_chunk(meta)
     if first is not None:
         yield sse(first)
     last: TextChunk | None = None
@@ -239,25 +270,25 @@ async def sse_events(
             trace.first_token()
             trace.text(chunk)
             last = chunk
-            yield sse(shape.chunk(response_id, model, chunk))
+            yield sse(shape.chunk(meta, chunk))
     except Exception as exc:  # headers are gone: report the failure in the stream itself
         error = as_openai_error(exc)
         status = error.status_code
-        logger.warning("stream %s failed: %s", response_id, error.message)
+        logger.warning("stream %s failed: %s", meta.id, error.message)
         yield sse(json.dumps(error.body()))
     except BaseException as exc:  # the client went away
         status = status_of(exc)
         raise
     else:
         if last is not None and request.include_usage_in_stream:
-            yield sse(shape.usage_chunk(response_id, model, last))
+            yield sse(shape.usage_chunk(meta, last))
     finally:
         trace.finish(status, last)
     yield sse("[DONE]")
 
 
-def timeout_error(route: ModelRoute) -> RequestTimeoutError:
-    return RequestTimeoutError(f"The request to model `{route.model}` did not finish within {route.timeout_s:g} s.")
+def timeout_error(model: str, timeout_s: float | None) -> RequestTimeoutError:
+    return RequestTimeoutError(f"The request to model `{model}` did not finish within {timeout_s:g} s.")
 
 
 def request_id_of(http_request: Request) -> str:
@@ -265,11 +296,54 @@ def request_id_of(http_request: Request) -> str:
     return http_request.headers.get("x-request-id") or new_id("req")
 
 
+SESSION_HEADER = "x-session-id"
+SERVED_BY_HEADER = "X-Servegraph-Served-By"
+
+
+def session_key_of(http_request: Request, request: OpenAIRequest) -> str | None:
+    """What keeps one conversation on one model version: the `user` field, else a session header."""
+    return request.user or http_request.headers.get(SESSION_HEADER)
+
+
+def link_timeout(link: Link) -> float | None:
+    target = link.target
+    return target.timeout_s
+
+
+class LinkAttempts:
+    """Runs one request on one link of its fallback chain: a local model version or an upstream."""
+
+    def __init__(self, stages: GraphStages, request: OpenAIRequest, response_id: str, deadline: Deadline) -> None:
+        self._stages = stages
+        self._request = request
+        self._response_id = response_id
+        self._deadline = deadline
+
+    async def _chunks(self, link: Link) -> AsyncIterator[TextChunk]:
+        if isinstance(link.target, UpstreamSpec):
+            return self._stages.stream_upstream(link.target, self._request)
+        prepared = await self._deadline.run(self._stages.prepare(link.target, self._request, self._response_id))
+        return self._stages.stream(prepared)
+
+    async def stream(self, link: Link) -> AsyncIterator[TextChunk]:
+        return await open_stream(await self._chunks(link), self._deadline)
+
+    async def complete(self, link: Link) -> TextChunk:
+        if isinstance(link.target, UpstreamSpec):
+            return merge_chunks([chunk async for chunk in self._deadline.iterate(await self._chunks(link))])
+        prepared = await self._deadline.run(self._stages.prepare(link.target, self._request, self._response_id))
+        return await self._deadline.run(self._stages.complete(prepared))
+
+
 def build_openai_app(
-    stages: GraphStages, application: str = "llm", observe: Callable[[RequestRecord], None] = lambda record: None
+    stages: GraphStages,
+    application: str = "llm",
+    observe: Callable[[RequestRecord], None] = lambda record: None,
+    fallbacks: FallbackChain | None = None,
 ) -> FastAPI:
     """The OpenAI API over stages; observe gets one RequestRecord per finished request."""
     app = FastAPI(title="servegraph", description="OpenAI-compatible multi-model serving graph")
+    chain = fallbacks or FallbackChain()
 
     def on_rejected(http_request: Request, error: OpenAIError) -> None:
         RequestTrace(observe, request_id_of(http_request), application, "-", stream=False).finish(error.status_code)
@@ -278,22 +352,28 @@ def build_openai_app(
 
     async def generate(http_request: Request, request: OpenAIRequest, shape: ResponseShape):
         trace = RequestTrace(observe, request_id_of(http_request), application, request.model, request.stream)
+        response_id = new_id(shape.id_prefix)
         try:
-            route = await stages.resolve(request.model)
-            trace.routed(route, request)
-            prepared = await stages.prepare(route, request, new_id(shape.id_prefix))
-            deadline = Deadline(route.timeout_s, lambda: timeout_error(route))
+            links = await stages.chain(request.model, session_key_of(http_request, request))
+            primary = links[0]
+            deadline = Deadline(link_timeout(primary), lambda: timeout_error(primary.model, link_timeout(primary)))
+            attempts = LinkAttempts(stages, request, response_id, deadline)
+            link, result = await chain.first_served(links, attempts.stream if request.stream else attempts.complete)
+            target = link.target
+            version = target.version if isinstance(target, ModelRoute) else "upstream"
+            trace.served(link.served_by, version, getattr(target, "log_payloads", False), request)
+            model = request.model if link is primary else link.model
+            meta = ResponseMeta(response_id, model, link.served_by)
+            headers = {SERVED_BY_HEADER: link.served_by}
             if request.stream:
-                chunks = await open_stream(stages, prepared, deadline)
-                events = sse_events(chunks, prepared, request, shape, trace)
-                return StreamingResponse(events, media_type="text/event-stream")
-            result = await deadline.run(stages.complete(prepared))
+                events = sse_events(result, meta, request, shape, trace)
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
             trace.text(result)
         except BaseException as exc:
             trace.finish(status_of(exc))
             raise
         trace.finish(200, result)
-        return shape.response(prepared.engine_request.request_id, request.model, result)
+        return JSONResponse(shape.response(meta, result).model_dump(mode="json"), headers=headers)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -317,9 +397,16 @@ def build_openai_app(
 @serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class Ingress:
+    """user_config (see graphs.config.IngressConfig) carries traffic weights: no restart to change them."""
+
     def __init__(self, router: DeploymentHandle, tokenizer: DeploymentHandle, postprocess: DeploymentHandle):
         self._stages = HandleStages(router, tokenizer, postprocess)
         self._telemetry = RequestTelemetry()
+
+    async def reconfigure(self, user_config: dict) -> None:
+        config = IngressConfig.model_validate(user_config)
+        await self._stages.set_traffic(config.traffic)
+        logger.info("traffic weights now %s", config.traffic)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         application = serve.get_replica_context().app_name

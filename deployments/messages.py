@@ -14,6 +14,11 @@ class ModelRoute:
     engine: str
     log_payloads: bool = False
     timeout_s: float | None = None
+    cold_start_timeout_s: float | None = None  # set when the engine may have scaled to zero
+
+    @property
+    def served_by(self) -> str:
+        return f"{self.model}@{self.version}"
 
 
 @dataclass(frozen=True)
@@ -75,3 +80,10 @@ class TextChunk:
     completion_tokens: int
     finish_reason: str | None = None
     engine_seconds: float | None = None
+
+
+def merge_chunks(chunks: list[TextChunk]) -> TextChunk:
+    """One chunk with all the text; usage and finish reason of the last."""
+    last = chunks[-1]
+    text = "".join(c.text for c in chunks)
+    return TextChunk(text, last.prompt_tokens, last.completion_tokens, last.finish_reason, last.engine_seconds)

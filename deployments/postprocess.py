@@ -9,9 +9,9 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import as_openai_error
-from deployments.messages import PreparedRequest, TextChunk, TokenChunk
-from deployments.streaming import until_finished
+from deployments.errors import ModelStartingError, as_openai_error
+from deployments.messages import ModelRoute, PreparedRequest, TextChunk, TokenChunk, merge_chunks
+from deployments.streaming import Deadline, until_finished
 from deployments.tokenizer import load_tokenizer
 from models.spec import ModelSpec
 
@@ -115,10 +115,27 @@ async def assemble_text(
             return
 
 
-def merge_chunks(chunks: list[TextChunk]) -> TextChunk:
-    last = chunks[-1]
-    text = "".join(c.text for c in chunks)
-    return TextChunk(text, last.prompt_tokens, last.completion_tokens, last.finish_reason, last.engine_seconds)
+async def within_cold_start(token_chunks: AsyncIterator[TokenChunk], route: ModelRoute) -> AsyncIterator[TokenChunk]:
+    """The engine's chunks, the first one bounded by the model's cold-start limit when it scales to zero."""
+    iterator = aiter(token_chunks)
+    if route.cold_start_timeout_s is not None:
+        limit = route.cold_start_timeout_s
+        cold_start = Deadline(limit, lambda: model_starting(route))
+        try:
+            yield await cold_start.run(anext(iterator))
+        except StopAsyncIteration:
+            return
+    async for chunk in iterator:
+        yield chunk
+
+
+def model_starting(route: ModelRoute) -> ModelStartingError:
+    limit = route.cold_start_timeout_s or 0
+    return ModelStartingError(
+        f"The model `{route.model}` is starting and did not answer within {limit:g} s. "
+        "Retry after the time in Retry-After.",
+        retry_after_s=min(limit, 10),
+    )
 
 
 @serve.deployment(name="postprocess", ray_actor_options={"num_cpus": 0.25})
@@ -131,12 +148,14 @@ class Postprocess:
 
     def __init__(self, specs: list[ModelSpec], engines: dict[str, DeploymentHandle], cache_dir: str | None = None):
         cache = Path(cache_dir) if cache_dir else None
-        self._tokenizers = {spec.name: load_tokenizer(spec, cache) for spec in specs}
+        self._tokenizers = {spec.engine_deployment_name: load_tokenizer(spec, cache) for spec in specs}
         self._engines = {name: handle.options(stream=True) for name, handle in engines.items()}
 
     async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]:
-        token_chunks = self._engines[prepared.route.engine].generate.remote(prepared.engine_request)
-        text_chunks = assemble_text(self._tokenizers[prepared.route.model], prepared, token_chunks)
+        route = prepared.route
+        token_chunks = self._engines[route.engine].generate.remote(prepared.engine_request)
+        started = within_cold_start(token_chunks, route)
+        text_chunks = assemble_text(self._tokenizers[route.engine], prepared, started)
         try:
             async for text_chunk in until_finished(token_chunks, text_chunks):
                 yield text_chunk

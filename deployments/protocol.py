@@ -176,8 +176,8 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "servegraph"
     root: str
-    max_model_len: int
-    version: str
+    max_model_len: int | None
+    versions: list[str]
 
 
 class ModelList(BaseModel):

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pydantic import BaseModel
 
 from deployments.errors import as_openai_error
-from deployments.messages import ModelRoute, TextChunk
+from deployments.messages import TextChunk
 
 # A child of Serve's logger, so lines land in the replica's log file in Serve's encoding
 # (JSON when the Serve config's logging_config says so) with Serve's request_id attached.
@@ -39,6 +39,7 @@ class RequestRecord:
     stream: bool
     latency_s: float
     tenant: str = DEFAULT_TENANT
+    served_by: str = "-"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_s: float | None = None
@@ -71,7 +72,9 @@ class RequestTelemetry:
         def counter(name: str, description: str, extra_tags: tuple[str, ...] = ()) -> metrics.Counter:
             return metrics.Counter(name, description, tag_keys=REQUEST_TAGS + extra_tags)
 
-        self._requests = counter("servegraph_requests", "Finished requests by HTTP status.", ("status",))
+        self._requests = counter(
+            "servegraph_requests", "Finished requests by HTTP status and what served them.", ("status", "served_by")
+        )
         self._prompt_tokens = counter("servegraph_prompt_tokens", "Prompt tokens of finished requests.")
         self._completion_tokens = counter("servegraph_completion_tokens", "Completion tokens of finished requests.")
         self._latency = histogram("servegraph_e2e_latency_seconds", "End-to-end request latency.", LATENCY_BUCKETS_S)
@@ -86,7 +89,7 @@ class RequestTelemetry:
     def observe(self, record: RequestRecord) -> None:
         tags = {"application": record.application, "model": record.model, "version": record.version}
         tags["tenant"] = record.tenant
-        self._requests.inc(1, {**tags, "status": str(record.status)})
+        self._requests.inc(1, {**tags, "status": str(record.status), "served_by": record.served_by})
         self._latency.observe(record.latency_s, tags)
         if record.prompt_tokens:
             self._prompt_tokens.inc(record.prompt_tokens, tags)
@@ -122,15 +125,16 @@ class RequestTrace:
     model: str
     stream: bool
     version: str = "-"
+    served_by: str = "-"
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     prompt: str | None = None
     completion_parts: list[str] | None = None
 
-    def routed(self, route: ModelRoute, request: BaseModel) -> None:
+    def served(self, served_by: str, version: str, log_payloads: bool, request: BaseModel) -> None:
         """Only a model whose spec says log_payloads gets its text into the record."""
-        self.version = route.version
-        if route.log_payloads:
+        self.served_by, self.version = served_by, version
+        if log_payloads:
             self.prompt = request.model_dump_json(include={"prompt", "messages"})
             self.completion_parts = []
 
@@ -149,6 +153,7 @@ class RequestTrace:
                 application=self.application,
                 model=self.model,
                 version=self.version,
+                served_by=self.served_by,
                 status=status,
                 stream=self.stream,
                 latency_s=time.perf_counter() - self.started,

@@ -117,13 +117,15 @@ class PromptTokenizer:
 
 @serve.deployment(name="tokenizer", ray_actor_options={"num_cpus": 0.25})
 class Tokenizer:
-    """Holds a PromptTokenizer per model of the graph."""
+    """Holds a PromptTokenizer per model version of the graph."""
 
     def __init__(self, specs: list[ModelSpec], cache_dir: str | None = None) -> None:
         cache = Path(cache_dir) if cache_dir else None
-        self._by_model = {spec.name: PromptTokenizer(spec, load_tokenizer(spec, cache)) for spec in specs}
+        self._by_engine = {
+            spec.engine_deployment_name: PromptTokenizer(spec, load_tokenizer(spec, cache)) for spec in specs
+        }
 
     async def prepare(
         self, route: ModelRoute, request: CompletionRequest | ChatCompletionRequest, request_id: str
     ) -> PreparedRequest:
-        return self._by_model[route.model].prepare(route, request, request_id)
+        return self._by_engine[route.engine].prepare(route, request, request_id)

@@ -2,8 +2,11 @@
 
 # No `from __future__ import annotations`: Serve validates args only against a real class annotation.
 
+from typing import Any
+
 from ray.serve import Application
 
+from autoscale.policy import StageKind, engine_autoscaling, stage_autoscaling
 from deployments.admin import Admin
 from deployments.engine import Engine
 from deployments.ingress import Ingress
@@ -37,24 +40,29 @@ def build_llm_app(args: LLMAppArgs) -> Application:
     """
     if args.accelerator == "gpu":
         check_gpu_budgets(args)
-    light = {
-        "ray_actor_options": {"num_cpus": LIGHT_STAGE_CPUS},
-        "max_ongoing_requests": STAGE_MAX_ONGOING_REQUESTS,
-        "max_queued_requests": STAGE_MAX_QUEUED_REQUESTS,
-    }
     engines = {
         spec.engine_deployment_name: Engine.options(
             name=spec.engine_deployment_name,
             max_ongoing_requests=2 * spec.max_num_seqs,
             max_queued_requests=spec.engine_queue_limit,
+            autoscaling_config=engine_autoscaling(spec),
             **engine_deployment_options(spec, args.accelerator),
         ).bind(spec, args.cache_dir)
         for spec in args.models
     }
-    router = Router.options(**light).bind(args.models)
-    tokenizer = Tokenizer.options(**light).bind(args.models, args.cache_dir)
-    postprocess = Postprocess.options(**light).bind(args.models, engines, args.cache_dir)
-    return Ingress.options(**light).bind(router, tokenizer, postprocess)
+    router = Router.options(**light_stage(StageKind.router)).bind(args.models, args.upstreams)
+    tokenizer = Tokenizer.options(**light_stage(StageKind.tokenizer)).bind(args.models, args.cache_dir)
+    postprocess = Postprocess.options(**light_stage(StageKind.postprocess)).bind(args.models, engines, args.cache_dir)
+    return Ingress.options(**light_stage(StageKind.ingress)).bind(router, tokenizer, postprocess)
+
+
+def light_stage(kind: StageKind) -> dict[str, Any]:
+    return {
+        "ray_actor_options": {"num_cpus": LIGHT_STAGE_CPUS},
+        "max_ongoing_requests": STAGE_MAX_ONGOING_REQUESTS,
+        "max_queued_requests": STAGE_MAX_QUEUED_REQUESTS,
+        "autoscaling_config": stage_autoscaling(kind),
+    }
 
 
 def build_admin_app(args: AdminAppArgs) -> Application:

@@ -7,9 +7,13 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from models.spec import ModelSpec
 
 
 class ConfigError(Exception):
@@ -52,8 +56,28 @@ def validate_config(path: Path) -> list[str]:
         unknown = sorted({d.name for d in app_config.deployments} - set(names))
         if unknown:
             raise ConfigError(f"{where} overrides unknown deployments {unknown}; it has {names}")
+        check_ingress_config(where, app_config)
         summary.append(f"{app_config.name} ({app_config.route_prefix}): {', '.join(names)}")
     return summary
+
+
+def check_ingress_config(where: str, app_config) -> None:
+    """The ingress user_config (traffic weights) must name the app's own models and versions."""
+    from deployments.router import ModelRegistry
+    from graphs.config import IngressConfig, LLMAppArgs
+
+    ingress = next((d for d in app_config.deployments if d.name == "ingress"), None)
+    user_config = getattr(ingress, "user_config", None)
+    if not app_config.import_path.endswith(":build_llm_app") or not isinstance(user_config, dict):
+        return
+    try:
+        traffic = IngressConfig.model_validate(user_config).traffic
+        args = LLMAppArgs.model_validate(app_config.args)
+        ModelRegistry(args.models, args.upstreams).set_traffic(traffic)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: invalid ingress user_config:\n{_describe(exc)}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{where}: invalid ingress user_config: {exc}") from exc
 
 
 def build_models(path: Path) -> list[Path]:
@@ -71,11 +95,11 @@ def build_models(path: Path) -> list[Path]:
     return built
 
 
-def engine_replicas(app_config: dict, engine_name: str) -> int:
-    """The most replicas a config lets an engine deployment have."""
-    override = next((d for d in app_config.get("deployments", []) if d.get("name") == engine_name), {})
+def engine_replicas(app_config: dict, spec: ModelSpec) -> int:
+    """The most replicas a config lets a model's engine deployment have."""
+    override = next((d for d in app_config.get("deployments", []) if d.get("name") == spec.engine_deployment_name), {})
     autoscaling = override.get("autoscaling_config") or {}
-    return int(autoscaling.get("max_replicas") or override.get("num_replicas") or 1)
+    return int(autoscaling.get("max_replicas") or override.get("num_replicas") or spec.autoscaling.max_replicas)
 
 
 def plan_config(path: Path, node_types) -> list[str]:
@@ -91,7 +115,7 @@ def plan_config(path: Path, node_types) -> list[str]:
         if args.accelerator == "cpu":
             reports.append(f"application {app_config['name']!r} runs on CPU: no GPUs to place")
             continue
-        models = [(spec, engine_replicas(app_config, spec.engine_deployment_name)) for spec in args.models]
+        models = [(spec, engine_replicas(app_config, spec)) for spec in args.models]
         reports.append(f"application {app_config['name']!r}:\n{plan_placement(models, node_types).render()}")
     return reports
 

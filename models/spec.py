@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
 
 class StrictModel(BaseModel):
     """Base for every config schema: unknown fields are an error, not silently dropped."""
@@ -64,15 +66,71 @@ class ModelShape(StrictModel):
     head_dim: int = Field(gt=0)
 
 
+class EngineAutoscaling(StrictModel):
+    """Replica bounds and reaction times of one model's engine; the target load per replica
+    comes from its batch capacity (see autoscale.policy)."""
+
+    min_replicas: int = Field(1, ge=0, description="0 lets the model scale to zero when idle.")
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time; default min_replicas.")
+    target_batch_fill: float = Field(
+        0.75, gt=0, le=2, description="Ongoing requests per replica to aim for, as a share of max_num_seqs."
+    )
+    upscale_delay_s: float = Field(10, ge=0)
+    downscale_delay_s: float = Field(300, ge=0)
+    downscale_to_zero_delay_s: float | None = Field(None, ge=0, description="Idle time before 1 -> 0 replicas.")
+    cold_start_timeout_s: float = Field(
+        180,
+        gt=0,
+        description="Longest wait for a request's first token while the engine starts; then 503 + Retry-After.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> EngineAutoscaling:
+        initial = self.initial_replicas if self.initial_replicas is not None else self.min_replicas
+        if not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"need min_replicas <= initial_replicas <= max_replicas; got {self.min_replicas}, "
+                f"{initial}, {self.max_replicas}"
+            )
+        return self
+
+
+class CircuitBreakerConfig(StrictModel):
+    """When a model or upstream stops getting requests after failing, and how it is retried."""
+
+    failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open the breaker.")
+    cooldown_s: float = Field(30, gt=0, description="Open time before one probe request is let through.")
+
+
+class UpstreamSpec(StrictModel):
+    """An external OpenAI-compatible API, served under its name and usable as a fallback."""
+
+    name: str = Field(pattern=NAME_PATTERN, max_length=64)
+    base_url: str = Field(pattern=r"^https?://", description="Up to and including /v1.")
+    model: str | None = Field(None, description="The upstream's model id; default: name.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key.")
+    requests_per_minute: int | None = Field(None, ge=1, description="Our own rate limit towards the upstream.")
+    timeout_s: float = Field(60, gt=0)
+    fallbacks: list[str] = Field(default_factory=list, description="Models to try when the upstream cannot serve.")
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+
+    @property
+    def upstream_model(self) -> str:
+        return self.model or self.name
+
+
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
 class ModelSpec(StrictModel):
     """One served model: where it comes from, its limits and how its engine is sized."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)
+    name: str = Field(pattern=NAME_PATTERN, max_length=64)
     aliases: list[str] = Field(default_factory=list)
-    version: str = "v1"
+    version: str = Field(
+        "v1", pattern=NAME_PATTERN, max_length=32, description="Several entries may share a name with other versions."
+    )
     path: str | None = Field(None, description="A model directory on every node.")
     hub_id: str | None = Field(None, description="A Hugging Face hub id (GPU clusters with hub access).")
     build: LocalBuildRecipe | None = Field(None, description="Build a small local model on first use.")
@@ -103,6 +161,12 @@ class ModelSpec(StrictModel):
         ge=0,
         description="Requests waiting for the engine beyond max_ongoing; more get 503. Default 2 x max_num_seqs.",
     )
+    autoscaling: EngineAutoscaling = Field(default_factory=EngineAutoscaling)
+    fallbacks: list[str] = Field(
+        default_factory=list,
+        description="Models or upstreams to try, in order, when this one is overloaded, failing or too short.",
+    )
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed through to vLLM as is.")
 
     @model_validator(mode="after")
@@ -129,4 +193,4 @@ class ModelSpec(StrictModel):
 
     @property
     def engine_deployment_name(self) -> str:
-        return f"engine-{self.name}"
+        return f"engine-{self.name}-{self.version}"

@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deployments.ingress import build_openai_app
-from deployments.messages import ModelRoute, PreparedRequest, TextChunk, TokenChunk
-from deployments.postprocess import assemble_text, merge_chunks
+from deployments.messages import PreparedRequest, TextChunk, TokenChunk, merge_chunks
+from deployments.postprocess import assemble_text
 from deployments.router import ModelRegistry
 from deployments.telemetry import RequestRecord
 from deployments.tokenizer import PromptTokenizer
@@ -38,27 +38,33 @@ class ScriptedEngine:
 
 
 class InProcessStages:
-    def __init__(self, spec, tokenizer, engine: ScriptedEngine) -> None:
-        self._registry = ModelRegistry([spec])
-        self._prompts = PromptTokenizer(spec, tokenizer)
-        self._tokenizer = tokenizer
-        self._engine = engine
+    """Every stage in this process: real tokenizer and postprocessing, a scripted engine per model version."""
 
-    async def resolve(self, model: str) -> ModelRoute:
-        return self._registry.resolve(model)
+    def __init__(self, specs, tokenizer, engines: dict[str, ScriptedEngine], upstreams=()) -> None:
+        self.registry = ModelRegistry(specs, list(upstreams))
+        self._prompts = {spec.engine_deployment_name: PromptTokenizer(spec, tokenizer) for spec in specs}
+        self._tokenizer = tokenizer
+        self._engines = engines
+
+    async def chain(self, model: str, session_key: str | None):
+        return self.registry.chain(model, session_key)
 
     async def prepare(self, route, request, request_id) -> PreparedRequest:
-        return self._prompts.prepare(route, request, request_id)
+        return self._prompts[route.engine].prepare(route, request, request_id)
 
     async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]:
-        async for chunk in assemble_text(self._tokenizer, prepared, self._engine.generate(prepared)):
+        engine = self._engines[prepared.route.engine]
+        async for chunk in assemble_text(self._tokenizer, prepared, engine.generate(prepared)):
             yield chunk
 
     async def complete(self, prepared: PreparedRequest) -> TextChunk:
         return merge_chunks([chunk async for chunk in self.stream(prepared)])
 
+    def stream_upstream(self, upstream, request) -> AsyncIterator[TextChunk]:
+        raise AssertionError("no upstream in these tests")
+
     async def model_list(self):
-        return self._registry.model_list()
+        return self.registry.model_list()
 
 
 @pytest.fixture
@@ -70,7 +76,7 @@ def records() -> list[RequestRecord]:
 def make_client(tiny_spec, tiny_tokenizer, records):
     def make(engine: ScriptedEngine | None = None, **spec_changes) -> TestClient:
         spec = tiny_spec.model_copy(update=spec_changes)
-        stages = InProcessStages(spec, tiny_tokenizer, engine or ScriptedEngine())
+        stages = InProcessStages([spec], tiny_tokenizer, {spec.engine_deployment_name: engine or ScriptedEngine()})
         return TestClient(build_openai_app(stages, "llm", records.append), raise_server_exceptions=False)
 
     return make

@@ -145,7 +145,7 @@ def test_gpu_config_validates_and_its_plan_fits_cluster_yaml():
 
 def test_plan_command_refuses_a_config_that_does_not_fit(tmp_path: Path, capsys):
     config = yaml.safe_load((ROOT / "graphs" / "gpu.yaml").read_text())
-    config["applications"][0]["deployments"] = [{"name": "engine-llama-3.1-70b", "num_replicas": 3}]
+    config["applications"][0]["deployments"] = [{"name": "engine-llama-3.1-70b-v1", "num_replicas": 3}]
     path = tmp_path / "too-big.yaml"
     path.write_text(yaml.safe_dump(config))
     assert servegraph(["plan", str(path), "--cluster", str(ROOT / "cluster.yaml")]) == 2

@@ -10,7 +10,7 @@ from deployments.router import ModelRegistry
 from deployments.tokenizer import PromptTokenizer
 from models.spec import LongPromptPolicy
 
-ROUTE = ModelRoute(model="tiny", version="v1", engine="engine-tiny", timeout_s=600)
+ROUTE = ModelRoute(model="tiny", version="v1", engine="engine-tiny-v1", timeout_s=600)
 
 
 def test_registry_resolves_names_and_aliases(tiny_spec):

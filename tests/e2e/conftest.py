@@ -49,7 +49,7 @@ LIMITS_APPS = [
             ],
         },
         # Small CPU asks, so this app fits beside the default graph's on two logical CPUs.
-        "deployments": [{"name": "engine-strict", "ray_actor_options": {"num_cpus": 0.2}}]
+        "deployments": [{"name": "engine-strict-v1", "ray_actor_options": {"num_cpus": 0.2}}]
         + [{"name": name, "ray_actor_options": {"num_cpus": 0.05}}
            for name in ("ingress", "router", "tokenizer", "postprocess")],
     },

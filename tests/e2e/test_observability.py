@@ -100,7 +100,7 @@ def test_request_id_is_returned_and_carried_by_every_stage(graph):
     )
     assert response.status_code == 200 and response.headers["x-request-id"] == request_id
 
-    stages = {"ingress", "tokenizer", "postprocess", "engine-tiny"}  # names resolve in the ingress
+    stages = {"ingress", "tokenizer", "postprocess", "engine-tiny-v1"}  # names resolve in the ingress
 
     def lines_by_deployment() -> dict[str, list[dict]]:
         found: dict[str, list[dict]] = {}

@@ -192,7 +192,7 @@ def test_healthz(graph):
 
 
 def test_client_disconnect_aborts_engine_request(graph):
-    before = graph.engine_stats()["small"]
+    before = graph.engine_stats()["engine-small-v1"]
     max_tokens = graph.model_spec("small")["max_model_len"] - 20
     body = {
         "model": "small",
@@ -207,7 +207,7 @@ def test_client_disconnect_aborts_engine_request(graph):
     assert all(line.startswith("data: {") for line in received if line)
 
     def aborted() -> dict | None:
-        stats = graph.engine_stats()["small"]
+        stats = graph.engine_stats()["engine-small-v1"]
         return stats if stats["aborted"] == before["aborted"] + 1 and stats["unfinished"] == 0 else None
 
     after = poll(aborted, 30, "the engine to abort the disconnected request")

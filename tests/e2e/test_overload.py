@@ -10,7 +10,7 @@ from tests.e2e.conftest import poll
 
 
 def strict_stats(graph) -> dict:
-    return httpx.get(f"{graph.base_url}/limits-admin/engines", timeout=10).json()["strict"]
+    return httpx.get(f"{graph.base_url}/limits-admin/engines", timeout=10).json()["engine-strict-v1"]
 
 
 async def burst(url: str, n: int, max_tokens: int) -> list[httpx.Response]:
