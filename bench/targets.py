@@ -127,11 +127,11 @@ class BareVllmTarget(HttpLatency):
 
     name = "vllm"
 
-    def __init__(self, spec: ModelSpec, model_dir: Path) -> None:
+    def __init__(self, spec: ModelSpec, model_dir: Path, port: int | None = None) -> None:
         self._spec = spec
         self.model = spec.name
         self._model_dir = model_dir
-        self._port = free_port()
+        self._port = port or free_port()
         self._process: subprocess.Popen | None = None
 
     def command(self) -> list[str]:

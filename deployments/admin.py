@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI
 from ray import serve
 
@@ -18,10 +20,17 @@ def build_admin_app(llm_app: str) -> FastAPI:
 
     @app.get("/engines")
     async def engines() -> dict[str, dict]:
-        """Counters of one replica of each engine deployment (aborted requests, tokens, unfinished)."""
+        """Counters of one replica of each engine deployment (aborted requests, tokens, unfinished).
+
+        An engine scaled to zero reports only that: asking it would start it.
+        """
         engines = await serve.get_deployment_handle("router", app_name=llm_app).engine_names.remote()
+        deployments = (await asyncio.to_thread(serve.status)).applications[llm_app].deployments
+        running = {name: deployments[name].replica_states.get("RUNNING", 0) for name in engines}
         return {
             engine: await serve.get_deployment_handle(engine, app_name=llm_app).stats.remote()
+            if running[engine]
+            else {"running_replicas": 0}
             for engine in sorted(engines)
         }
 

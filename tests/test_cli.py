@@ -48,6 +48,18 @@ def test_override_of_unknown_deployment_is_refused(tmp_path):
         validate_config(write_config(tmp_path, config))
 
 
+@pytest.mark.parametrize(
+    ("traffic", "message"),
+    [({"tiny": {"v2": 1}}, r"not deployed: tiny \['v2'\]"), ({"tiny": {"v1": -1}}, "weights must be >= 0")],
+)
+def test_traffic_weights_must_name_deployed_versions(tmp_path, traffic, message):
+    config = load_config()
+    ingress = next(d for d in llm_app(config)["deployments"] if d["name"] == "ingress")
+    ingress["user_config"] = {"traffic": traffic}
+    with pytest.raises(ConfigError, match=message):
+        validate_config(write_config(tmp_path, config))
+
+
 def test_run_exits_before_starting_ray(tmp_path):
     config = load_config()
     llm_app(config)["args"]["models"][0]["long_prompt"] = "truncate_middle"

@@ -5,7 +5,7 @@ import pytest
 from pydantic import ValidationError
 
 from models.build import build_local_model, ensure_local_model
-from models.engine_config import cpu_kv_cache_gib, engine_kwargs, kv_cache_bytes
+from models.engine_config import cpu_kv_cache_bytes, engine_kwargs, kv_cache_bytes
 from models.spec import LocalBuildRecipe, ModelSpec
 
 
@@ -69,5 +69,5 @@ def test_engine_kwargs_pass_through_overrides(tiny_spec):
 def test_kv_cache_budget_arithmetic(tiny_spec):
     need = kv_cache_bytes(tiny_spec, num_layers=2, num_kv_heads=2, head_dim=64)
     assert need == 2 * 2 * 2 * 64 * 2 * tiny_spec.max_model_len * tiny_spec.max_num_seqs
-    assert cpu_kv_cache_gib(need) == 1
-    assert cpu_kv_cache_gib(3 * 2**30) == 6
+    assert cpu_kv_cache_bytes(need) == 64 * 2**20  # the floor
+    assert cpu_kv_cache_bytes(3 * 2**30) == 6 * 2**30

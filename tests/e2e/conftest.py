@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from graphs.local_cluster import LocalServeCluster, load_config, wait_for
+from graphs.local_cluster import LocalServeCluster, free_port, load_config, wait_for
 
 poll = wait_for
 
@@ -21,6 +21,8 @@ class Graph:
     config: dict
     metrics_url: str
     logs_dir: Path
+    cluster: LocalServeCluster
+    upstream_port: int
 
     @property
     def openai_base_url(self) -> str:
@@ -58,14 +60,64 @@ LIMITS_APPS = [
 ]  # fmt: skip
 
 
+TINY = {"build": {"seed": 0}, "max_model_len": 512}  # the default graph's tiny model: built once
+SHORT = {"max_model_len": 128, "default_max_tokens": 64, "fallbacks": ["ext"]}
+
+
+def resilience_app(upstream_port: int) -> dict:
+    """One more LLM application, for scaling, rollout, fallback and failure tests.
+
+    - `elastic` starts at zero, goes to 2 replicas under load, back down and to zero when idle.
+    - `sleepy` scales from zero onto a node that never comes (a resource no node has), so its
+      cold start outlasts its bound.
+    - `canary` has two versions; `ext` is an external upstream; each falls back to the other.
+    """
+    return {
+        "name": "resilience",
+        "route_prefix": "/resilience",
+        "import_path": "graphs.builder:build_llm_app",
+        "args": {
+            "accelerator": "cpu",
+            "models": [
+                {"name": "elastic", **TINY, "max_num_seqs": 2, "max_queued_requests": 8, "autoscaling": {
+                    "min_replicas": 0, "max_replicas": 2, "upscale_delay_s": 0,
+                    "downscale_delay_s": 5, "downscale_to_zero_delay_s": 10, "cold_start_timeout_s": 600}},
+                {"name": "sleepy", **TINY, "autoscaling": {
+                    "min_replicas": 0, "max_replicas": 1, "downscale_to_zero_delay_s": 5, "cold_start_timeout_s": 2}},
+                {"name": "canary", **TINY, **SHORT},
+                {"name": "canary", "version": "v2", "build": {"seed": 1}, **SHORT},
+            ],
+            "upstreams": [
+                {"name": "ext", "base_url": f"http://127.0.0.1:{upstream_port}/v1", "model": "tiny",
+                 "fallbacks": ["canary"], "timeout_s": 30,
+                 "circuit_breaker": {"failure_threshold": 2, "cooldown_s": 5}},
+            ],
+        },
+        "deployments": [
+            {"name": "ingress", "user_config": {"traffic": {"canary": {"v1": 100}}}},
+            {"name": "engine-sleepy-v1", "ray_actor_options": {"num_cpus": 0.5, "resources": {"absent": 1}}},
+        ],
+    }  # fmt: skip
+
+
+# Serve's autoscaler reads handle metrics, pushed every 10 s by default; 1 s lets the scaling test
+# react in seconds.
+FAST_AUTOSCALING_ENV = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+
+
 @pytest.fixture(scope="session")
 def graph(tmp_path_factory) -> Iterator[Graph]:
     os.environ["SERVEGRAPH_CACHE_DIR"] = str(tmp_path_factory.mktemp("model-cache"))
     work_dir = tmp_path_factory.mktemp("graph")
+    upstream_port = free_port()
     config = load_config()
-    config = {**config, "applications": config["applications"] + LIMITS_APPS}
-    with LocalServeCluster(config, work_dir, metrics_report_interval_ms=1000) as cluster:
-        yield Graph(cluster.base_url, cluster.config, cluster.metrics_url, cluster.logs_dir)
+    apps = config["applications"] + LIMITS_APPS + [resilience_app(upstream_port)]
+    # Logical CPUs only: the replicas share the machine's real cores either way.
+    with LocalServeCluster(
+        {**config, "applications": apps}, work_dir, num_cpus=16, metrics_report_interval_ms=1000,
+        env=FAST_AUTOSCALING_ENV,
+    ) as cluster:  # fmt: skip
+        yield Graph(cluster.base_url, cluster.config, cluster.metrics_url, cluster.logs_dir, cluster, upstream_port)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,69 @@
+"""Engine autoscaling on the real graph (models `elastic` and `sleepy` of conftest's `resilience` app)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from tests.e2e.conftest import poll
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
+
+
+class SteadyLoad:
+    """Keeps `streams` long requests in flight until stopped; counts what came back."""
+
+    def __init__(self, url: str, model: str, streams: int) -> None:
+        self._url, self._model = url, model
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(streams)]
+        self.statuses: list[int] = []
+
+    def _run(self) -> None:
+        body = {"model": self._model, "prompt": "Tell me a story", "max_tokens": 200, "ignore_eos": True}
+        with httpx.Client(timeout=900) as client:
+            while not self._stop.is_set():
+                self.statuses.append(client.post(self._url, json=body).status_code)
+
+    def __enter__(self) -> SteadyLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+def test_engine_scales_up_under_load_then_down_to_zero_and_serves_a_cold_request(graph):
+    url = f"{graph.base_url}/resilience/v1/completions"
+    engine = "engine-elastic-v1"
+    # max_num_seqs 2 -> target 1.5 ongoing per replica; six streams want four replicas, capped at two.
+    with SteadyLoad(url, "elastic", streams=6) as load:
+        poll(lambda: running_replicas("resilience", engine) == 2, 600, "a second elastic replica", interval_s=1)
+    assert set(load.statuses) <= {200}, load.statuses
+    poll(lambda: running_replicas("resilience", engine) == 0, 300, "elastic to scale to zero", interval_s=1)
+
+    started = time.monotonic()
+    cold = httpx.post(url, json={"model": "elastic", "prompt": "Hello", "max_tokens": 4}, timeout=900)
+    assert cold.status_code == 200, cold.text
+    assert cold.json()["usage"]["completion_tokens"] == 4
+    print(f"cold request served in {time.monotonic() - started:.1f} s")  # noqa: T201 - read by the closing note
+
+
+def test_cold_start_past_its_bound_is_503_with_retry_after(graph):
+    started = time.monotonic()
+    body = {"model": "sleepy", "prompt": "Hello", "max_tokens": 4}
+    response = httpx.post(f"{graph.base_url}/resilience/v1/completions", json=body, timeout=60)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "model_starting"
+    assert response.headers["retry-after"] == "2"
+    assert time.monotonic() - started < 30
