@@ -68,9 +68,9 @@ def resilience_app(upstream_port: int) -> dict:
     """One more LLM application, for scaling, rollout, fallback and failure tests.
 
     - `elastic` starts at zero, goes to 2 replicas under load, back down and to zero when idle.
-    - `sleepy` scales from zero onto a node that never comes (a resource no node has), so its
-      cold start outlasts its bound.
-    - `canary` has two versions; `ext` is an external upstream; each falls back to the other.
+    - `sleepy` scales from zero with a 2 s bound on its cold start, which takes far longer.
+    - `canary` has two versions (v1 on two replicas); `ext` is an external upstream; each
+      falls back to the other.
     """
     return {
         "name": "resilience",
@@ -84,7 +84,7 @@ def resilience_app(upstream_port: int) -> dict:
                     "downscale_delay_s": 5, "downscale_to_zero_delay_s": 10, "cold_start_timeout_s": 600}},
                 {"name": "sleepy", **TINY, "autoscaling": {
                     "min_replicas": 0, "max_replicas": 1, "downscale_to_zero_delay_s": 5, "cold_start_timeout_s": 2}},
-                {"name": "canary", **TINY, **SHORT},
+                {"name": "canary", **TINY, **SHORT, "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
                 {"name": "canary", "version": "v2", "build": {"seed": 1}, **SHORT},
             ],
             "upstreams": [
@@ -95,7 +95,6 @@ def resilience_app(upstream_port: int) -> dict:
         },
         "deployments": [
             {"name": "ingress", "user_config": {"traffic": {"canary": {"v1": 100}}}},
-            {"name": "engine-sleepy-v1", "ray_actor_options": {"num_cpus": 0.5, "resources": {"absent": 1}}},
         ],
     }  # fmt: skip
 

@@ -110,19 +110,6 @@ def with_traffic(graph, weights: dict[str, float]) -> dict:
     return config
 
 
-@pytest.fixture
-def two_canary_replicas(graph) -> Iterator[None]:
-    """engine-canary-v1 at two replicas for one test: an autoscaling override, so no restart."""
-    original = graph.cluster.config
-    config = copy.deepcopy(original)
-    scaled = {"name": "engine-canary-v1", "autoscaling_config": {"min_replicas": 2, "max_replicas": 2}}
-    app_config(config)["deployments"].append(scaled)
-    graph.cluster.deploy(config)
-    poll(lambda: len(replicas(graph, "engine-canary-v1")) == 2, 600, "a second canary replica", interval_s=1)
-    yield
-    graph.cluster.deploy(original)
-
-
 def test_canary_rollout_and_rollback_fail_no_request_and_restart_no_engine(graph):
     engines = ("engine-canary-v1", "engine-canary-v2")
     engine_ids = {name: {r["replica_id"] for r in replicas(graph, name)} for name in engines}
@@ -163,7 +150,7 @@ def test_one_user_stays_on_one_version(graph):
     graph.cluster.deploy(with_traffic(graph, {"v1": 100}))
 
 
-def test_killed_engine_replica_retries_unstarted_requests_and_ends_running_streams_clearly(graph, two_canary_replicas):
+def test_killed_engine_replica_retries_unstarted_requests_and_ends_running_streams_clearly(graph):
     import ray
 
     before = replicas(graph, "engine-canary-v1")
