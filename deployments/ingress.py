@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -21,6 +21,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.auth import Tenant, TenantDirectory, model_not_allowed
 from deployments.errors import OpenAIError, RequestTimeoutError, as_openai_error
 from deployments.fallback import FallbackChain
 from deployments.messages import ModelRoute, PreparedRequest, TextChunk, merge_chunks
@@ -43,7 +44,7 @@ from deployments.router import Link, ModelRegistry, TrafficWeights
 from deployments.streaming import Deadline, until_finished
 from deployments.telemetry import RequestRecord, RequestTelemetry, RequestTrace, status_of
 from deployments.upstream import UpstreamClient
-from graphs.config import IngressConfig
+from graphs.config import AuthConfig, IngressConfig
 from models.spec import UpstreamSpec
 
 logger = logging.getLogger("servegraph.ingress")
@@ -335,26 +336,45 @@ class LinkAttempts:
         return await self._deadline.run(self._stages.complete(prepared))
 
 
+def allowed_links(tenant: Tenant, requested: str, links: list[Link]) -> list[Link]:
+    """The chain this tenant may use: 403 for the model asked for, fallbacks it may not use dropped."""
+    primary, *fallbacks = links
+    if not tenant.allows(primary.model):
+        raise model_not_allowed(tenant, requested)
+    return [primary, *(link for link in fallbacks if tenant.allows(link.model))]
+
+
 def build_openai_app(
     stages: GraphStages,
     application: str = "llm",
     observe: Callable[[RequestRecord], None] = lambda record: None,
     fallbacks: FallbackChain | None = None,
+    tenants: TenantDirectory | None = None,
 ) -> FastAPI:
-    """The OpenAI API over stages; observe gets one RequestRecord per finished request."""
+    """The OpenAI API over stages; observe gets one RequestRecord per finished request.
+
+    Without a tenant directory, auth is off (every caller is the `default` tenant).
+    """
     app = FastAPI(title="servegraph", description="OpenAI-compatible multi-model serving graph")
     chain = fallbacks or FallbackChain()
+    directory = tenants or TenantDirectory(AuthConfig(enabled=False))
+
+    def tenant_of(authorization: str | None = Header(None)) -> Tenant:
+        return directory.authenticate(authorization)
 
     def on_rejected(http_request: Request, error: OpenAIError) -> None:
         RequestTrace(observe, request_id_of(http_request), application, "-", stream=False).finish(error.status_code)
 
     install_error_handlers(app, on_rejected)
 
-    async def generate(http_request: Request, request: OpenAIRequest, shape: ResponseShape):
-        trace = RequestTrace(observe, request_id_of(http_request), application, request.model, request.stream)
+    async def generate(http_request: Request, request: OpenAIRequest, shape: ResponseShape, tenant: Tenant):
+        trace = RequestTrace(
+            observe, request_id_of(http_request), application, request.model, request.stream, tenant=tenant.name
+        )
         response_id = new_id(shape.id_prefix)
         try:
-            links = await stages.chain(request.model, session_key_of(http_request, request))
+            chain_links = await stages.chain(request.model, session_key_of(http_request, request))
+            links = allowed_links(tenant, request.model, chain_links)
             primary = links[0]
             deadline = Deadline(link_timeout(primary), lambda: timeout_error(primary.model, link_timeout(primary)))
             attempts = LinkAttempts(stages, request, response_id, deadline)
@@ -380,16 +400,19 @@ def build_openai_app(
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models() -> ModelList:
-        return await stages.model_list()
+    async def models(tenant: Tenant = Depends(tenant_of)) -> ModelList:
+        listed = await stages.model_list()
+        return ModelList(data=[card for card in listed.data if tenant.allows(card.root)])
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(http_request: Request, request: CompletionRequest):
-        return await generate(http_request, request, CompletionShape())
+    async def completions(http_request: Request, request: CompletionRequest, tenant: Tenant = Depends(tenant_of)):
+        return await generate(http_request, request, CompletionShape(), tenant)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(http_request: Request, request: ChatCompletionRequest):
-        return await generate(http_request, request, ChatShape())
+    async def chat_completions(
+        http_request: Request, request: ChatCompletionRequest, tenant: Tenant = Depends(tenant_of)
+    ):
+        return await generate(http_request, request, ChatShape(), tenant)
 
     return app
 
@@ -399,9 +422,12 @@ def build_openai_app(
 class Ingress:
     """user_config (see graphs.config.IngressConfig) carries traffic weights: no restart to change them."""
 
-    def __init__(self, router: DeploymentHandle, tokenizer: DeploymentHandle, postprocess: DeploymentHandle):
+    def __init__(
+        self, router: DeploymentHandle, tokenizer: DeploymentHandle, postprocess: DeploymentHandle, auth: AuthConfig
+    ):
         self._stages = HandleStages(router, tokenizer, postprocess)
         self._telemetry = RequestTelemetry()
+        self._tenants = TenantDirectory(auth)
 
     async def reconfigure(self, user_config: dict) -> None:
         config = IngressConfig.model_validate(user_config)
@@ -410,4 +436,4 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         application = serve.get_replica_context().app_name
-        return build_openai_app(self._stages, application, self._telemetry.observe)
+        return build_openai_app(self._stages, application, self._telemetry.observe, tenants=self._tenants)

@@ -21,7 +21,7 @@ from deployments.messages import TextChunk
 # A child of Serve's logger, so lines land in the replica's log file in Serve's encoding
 # (JSON when the Serve config's logging_config says so) with Serve's request_id attached.
 ACCESS_LOGGER_NAME = "ray.serve.servegraph.access"
-DEFAULT_TENANT = "default"  # until tenants exist
+DEFAULT_TENANT = "default"  # the caller when auth is off
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 TOKEN_TIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28]
 REQUEST_TAGS = ("application", "model", "version", "tenant")
@@ -125,6 +125,7 @@ class RequestTrace:
     model: str
     stream: bool
     version: str = "-"
+    tenant: str = DEFAULT_TENANT
     served_by: str = "-"
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -153,6 +154,7 @@ class RequestTrace:
                 application=self.application,
                 model=self.model,
                 version=self.version,
+                tenant=self.tenant,
                 served_by=self.served_by,
                 status=status,
                 stream=self.stream,

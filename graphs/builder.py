@@ -53,7 +53,7 @@ def build_llm_app(args: LLMAppArgs) -> Application:
     router = Router.options(**light_stage(StageKind.router)).bind(args.models, args.upstreams)
     tokenizer = Tokenizer.options(**light_stage(StageKind.tokenizer)).bind(args.models, args.cache_dir)
     postprocess = Postprocess.options(**light_stage(StageKind.postprocess)).bind(args.models, engines, args.cache_dir)
-    return Ingress.options(**light_stage(StageKind.ingress)).bind(router, tokenizer, postprocess)
+    return Ingress.options(**light_stage(StageKind.ingress)).bind(router, tokenizer, postprocess, args.auth)
 
 
 def light_stage(kind: StageKind) -> dict[str, Any]:

@@ -152,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument(
                 "--gpu-memory", action="append", default=[], metavar="TYPE=GIB", help="memory of a GPU type"
             )
+    hash_command = commands.add_parser("hash-key", help="print the key_hashes entry for an API key read from stdin")
+    hash_command.set_defaults(config=None)
     args = parser.parse_args(argv)
+    if args.command == "hash-key":
+        from deployments.auth import hash_key
+
+        print(hash_key(sys.stdin.readline().strip()))
+        return 0
 
     try:
         summary = validate_config(args.config)

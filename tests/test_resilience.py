@@ -171,9 +171,9 @@ def test_sticky_session_header_and_version_in_response(tiny_spec, tiny_tokenizer
 def test_config_refuses_unknown_fallbacks_and_duplicate_versions(tiny_spec):
     tiny = tiny_spec.model_dump()
     with pytest.raises(ValueError, match="fallback 'nope'"):
-        LLMAppArgs.model_validate({"models": [{**tiny, "fallbacks": ["nope"]}]})
+        LLMAppArgs.model_validate({"models": [{**tiny, "fallbacks": ["nope"]}], "auth": {"enabled": False}})
     with pytest.raises(ValueError, match="version 'v1' twice"):
-        LLMAppArgs.model_validate({"models": [tiny, tiny]})
+        LLMAppArgs.model_validate({"models": [tiny, tiny], "auth": {"enabled": False}})
     with pytest.raises(ValueError, match="add up to more than 0"):
         IngressConfig.model_validate({"traffic": {"tiny": {"v1": 0}}})
 

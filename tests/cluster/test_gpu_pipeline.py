@@ -24,7 +24,7 @@ def test_pipeline_parallel_replica_serves_on_two_gpus(tmp_path):
     from ray import serve
 
     from graphs.builder import build_llm_app
-    from graphs.config import LLMAppArgs
+    from graphs.config import OPEN, LLMAppArgs
     from graphs.local_cluster import free_port
     from models.spec import LocalBuildRecipe, ModelSpec
 
@@ -35,7 +35,7 @@ def test_pipeline_parallel_replica_serves_on_two_gpus(tmp_path):
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_llm_app(LLMAppArgs(models=[spec])), name="pp", route_prefix="/")
+        serve.run(build_llm_app(LLMAppArgs(models=[spec], auth=OPEN)), name="pp", route_prefix="/")
         body = {"model": "pp", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
         response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
         assert response.status_code == 200, response.text

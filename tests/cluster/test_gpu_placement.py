@@ -16,7 +16,7 @@ from ray import serve
 from ray.cluster_utils import Cluster
 
 from graphs.builder import build_llm_app
-from graphs.config import LLMAppArgs
+from graphs.config import OPEN, LLMAppArgs
 from graphs.local_cluster import free_port
 from models.placement import engine_deployment_options
 from models.spec import LocalBuildRecipe, ModelSpec
@@ -77,7 +77,7 @@ def test_two_half_gpu_engines_share_one_gpu_and_both_serve(two_node_cluster):
         ModelSpec(name=name, build=TINY, gpu_fraction=0.5, accelerator_type=SHARED_GPU_TYPE, max_num_seqs=4)
         for name in ("left", "right")
     ]
-    serve.run(build_llm_app(LLMAppArgs(models=models)), name="shared", route_prefix="/shared")
+    serve.run(build_llm_app(LLMAppArgs(models=models, auth=OPEN)), name="shared", route_prefix="/shared")
     try:
         for name in ("left", "right"):
             assert complete(f"{two_node_cluster}/shared", name)["usage"]["completion_tokens"] == 4
@@ -89,7 +89,7 @@ def test_two_half_gpu_engines_share_one_gpu_and_both_serve(two_node_cluster):
 
 def test_tensor_parallel_two_on_cpu_serves(two_node_cluster):
     spec = ModelSpec(name="tp", build=TINY, tensor_parallel_size=2, max_num_seqs=4)
-    serve.run(build_llm_app(LLMAppArgs(models=[spec], accelerator="cpu")), name="tp", route_prefix="/tp")
+    serve.run(build_llm_app(LLMAppArgs(models=[spec], accelerator="cpu", auth=OPEN)), name="tp", route_prefix="/tp")
     try:
         result = complete(f"{two_node_cluster}/tp", "tp")
         assert result["usage"]["completion_tokens"] == 4 and result["choices"][0]["finish_reason"] == "length"

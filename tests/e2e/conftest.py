@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from deployments.auth import hash_key
 from graphs.local_cluster import LocalServeCluster, free_port, load_config, wait_for
 
 poll = wait_for
@@ -38,6 +39,10 @@ class Graph:
 
 # A second LLM application beside the default graph: one model with a one-request queue and a
 # short deadline, so overload and timeouts can be provoked without slowing the default models.
+# It also requires API keys: tenant `alpha` (key hash in the config) may use every model,
+# `beta` (keys from the environment) none.
+ALPHA_KEY, BETA_KEY = "sk-test-alpha-5f1c", "sk-test-beta-9d2e"
+TENANT_ENV = {"SERVEGRAPH_TEST_BETA_KEYS": f"sk-unused,{BETA_KEY}"}
 LIMITS_APPS = [
     {
         "name": "limits",
@@ -49,6 +54,10 @@ LIMITS_APPS = [
                 {"name": "strict", "build": {"seed": 0}, "max_model_len": 2048, "max_num_seqs": 1,
                  "max_queued_requests": 1, "request_timeout_s": 3, "default_max_tokens": 64}
             ],
+            "auth": {"tenants": [
+                {"name": "alpha", "key_hashes": [hash_key(ALPHA_KEY)]},
+                {"name": "beta", "keys_env": "SERVEGRAPH_TEST_BETA_KEYS", "models": []},
+            ]},
         },
         # Small CPU asks, so this app fits beside the default graph's on two logical CPUs.
         "deployments": [{"name": "engine-strict-v1", "ray_actor_options": {"num_cpus": 0.2}}]
@@ -78,6 +87,7 @@ def resilience_app(upstream_port: int) -> dict:
         "import_path": "graphs.builder:build_llm_app",
         "args": {
             "accelerator": "cpu",
+            "auth": {"enabled": False},
             "models": [
                 {"name": "elastic", **TINY, "max_num_seqs": 2, "max_queued_requests": 8, "autoscaling": {
                     "min_replicas": 0, "max_replicas": 2, "upscale_delay_s": 0,
@@ -114,7 +124,7 @@ def graph(tmp_path_factory) -> Iterator[Graph]:
     # Logical CPUs only: the replicas share the machine's real cores either way.
     with LocalServeCluster(
         {**config, "applications": apps}, work_dir, num_cpus=16, metrics_report_interval_ms=1000,
-        env=FAST_AUTOSCALING_ENV,
+        env=FAST_AUTOSCALING_ENV | TENANT_ENV,
     ) as cluster:  # fmt: skip
         yield Graph(cluster.base_url, cluster.config, cluster.metrics_url, cluster.logs_dir, cluster, upstream_port)
 

@@ -6,7 +6,9 @@ import asyncio
 
 import httpx
 
-from tests.e2e.conftest import poll
+from tests.e2e.conftest import ALPHA_KEY, poll
+
+ALPHA = {"Authorization": f"Bearer {ALPHA_KEY}"}
 
 
 def strict_stats(graph) -> dict:
@@ -15,7 +17,7 @@ def strict_stats(graph) -> dict:
 
 async def burst(url: str, n: int, max_tokens: int) -> list[httpx.Response]:
     body = {"model": "strict", "prompt": "Tell me a story", "max_tokens": max_tokens, "ignore_eos": True}
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with httpx.AsyncClient(timeout=120, headers=ALPHA) as client:
         return await asyncio.gather(*(client.post(url, json=body) for _ in range(n)))
 
 
@@ -33,7 +35,7 @@ def test_requests_past_the_engine_queue_get_503_with_retry_after(graph):
 def test_request_past_the_model_deadline_gets_504_and_is_aborted(graph):
     before = strict_stats(graph)
     body = {"model": "strict", "prompt": "Tell me a long story", "max_tokens": 2000, "ignore_eos": True}
-    response = httpx.post(f"{graph.base_url}/limits/v1/completions", json=body, timeout=60)
+    response = httpx.post(f"{graph.base_url}/limits/v1/completions", json=body, headers=ALPHA, timeout=60)
     assert response.status_code == 504, response.text
     assert response.json()["error"]["code"] == "timeout"
 
@@ -43,5 +45,6 @@ def test_request_past_the_model_deadline_gets_504_and_is_aborted(graph):
 
     after = poll(aborted, 30, "the engine to abort the timed-out request")
     assert after["generated_tokens"] - before["generated_tokens"] < 2000
-    follow_up = httpx.post(f"{graph.base_url}/limits/v1/completions", json={**body, "max_tokens": 8}, timeout=60)
+    url = f"{graph.base_url}/limits/v1/completions"
+    follow_up = httpx.post(url, json={**body, "max_tokens": 8}, headers=ALPHA, timeout=60)
     assert follow_up.status_code == 200

@@ -1,0 +1,87 @@
+"""Tenants and API keys: who is calling, and which models it may use.
+
+Keys are kept only as SHA-256 hashes and compared in constant time; a key read from an
+environment variable or a file is hashed at load and the plain text dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from deployments.errors import OpenAIError
+from graphs.config import AuthConfig, TenantSpec
+
+BEARER = "bearer "
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class AuthenticationError(OpenAIError):
+    status_code = 401
+    default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(OpenAIError):
+    status_code = 403
+    error_type = "permission_error"
+    default_code = "model_not_allowed"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    models: frozenset[str]  # model (or upstream) names; "*" for all
+    admin: bool = False
+
+    def allows(self, model: str) -> bool:
+        """model: a model's name, never an alias, so every alias of a model is allowed with it."""
+        return "*" in self.models or model in self.models
+
+
+OPEN_TENANT = Tenant("default", frozenset({"*"}), admin=True)
+
+
+def tenant_key_hashes(spec: TenantSpec, environ: Mapping[str, str]) -> list[str]:
+    keys: list[str] = []
+    if spec.keys_env:
+        keys += environ.get(spec.keys_env, "").split(",")
+    if spec.keys_file:
+        keys += Path(spec.keys_file).read_text().splitlines()
+    return [*spec.key_hashes, *(hash_key(key.strip()) for key in keys if key.strip())]
+
+
+class TenantDirectory:
+    """Resolves an Authorization header to a tenant; with auth off, everyone is `default`."""
+
+    def __init__(self, config: AuthConfig, environ: Mapping[str, str] = os.environ) -> None:
+        self.enabled = config.enabled
+        self._by_hash: list[tuple[bytes, Tenant]] = []
+        for spec in config.tenants:
+            tenant = Tenant(spec.name, frozenset(spec.models), spec.admin)
+            for key_hash in tenant_key_hashes(spec, environ):
+                self._by_hash.append((key_hash.encode(), tenant))
+
+    def authenticate(self, authorization: str | None) -> Tenant:
+        if not self.enabled:
+            return OPEN_TENANT
+        if not authorization or not authorization.lower().startswith(BEARER):
+            raise AuthenticationError("Missing API key: send `Authorization: Bearer <key>`.")
+        presented = hash_key(authorization[len(BEARER) :].strip()).encode()
+        found: Tenant | None = None
+        for key_hash, tenant in self._by_hash:  # every entry, so the time does not depend on which matched
+            if hmac.compare_digest(presented, key_hash):
+                found = tenant
+        if found is None:
+            raise AuthenticationError("Incorrect API key provided.")
+        return found
+
+
+def model_not_allowed(tenant: Tenant, model: str) -> PermissionDeniedError:
+    return PermissionDeniedError(f"Tenant `{tenant.name}` may not use the model `{model}`.", param="model")
