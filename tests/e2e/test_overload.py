@@ -23,13 +23,15 @@ async def burst(url: str, n: int, max_tokens: int) -> list[httpx.Response]:
 
 def test_requests_past_the_engine_queue_get_503_with_retry_after(graph):
     # One running (max_num_seqs 1) plus one more Serve lets into the engine, plus one queued.
-    responses = asyncio.run(burst(f"{graph.base_url}/limits/v1/completions", 10, 32))
+    # The admitted ones run one after another under the model's 3 s deadline: on a busy
+    # machine the last may get its 504, which is also a bounded answer.
+    responses = asyncio.run(burst(f"{graph.base_url}/limits/v1/completions", 10, 8))
     statuses = sorted(r.status_code for r in responses)
-    assert statuses.count(200) >= 1 and statuses.count(503) >= 1 and set(statuses) == {200, 503}, statuses
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 1 and set(statuses) <= {200, 503, 504}, statuses
     refused = next(r for r in responses if r.status_code == 503)
     assert refused.headers.get("retry-after") == "1", (refused.headers, refused.text)
     assert refused.json()["error"]["code"] == "overloaded"
-    assert all(r.json()["usage"]["completion_tokens"] == 32 for r in responses if r.status_code == 200)
+    assert all(r.json()["usage"]["completion_tokens"] == 8 for r in responses if r.status_code == 200)
 
 
 def test_request_past_the_model_deadline_gets_504_and_is_aborted(graph):
