@@ -115,16 +115,22 @@ async def assemble_text(
             return
 
 
-async def within_cold_start(token_chunks: AsyncIterator[TokenChunk], route: ModelRoute) -> AsyncIterator[TokenChunk]:
-    """The engine's chunks, the first one bounded by the model's cold-start limit when it scales to zero."""
+def within_cold_start(token_chunks: AsyncIterator[TokenChunk], route: ModelRoute) -> AsyncIterator[TokenChunk]:
+    """The engine's chunks; for a model that scales to zero, the first one bounded by its cold-start limit.
+
+    Other models get the engine stream itself: no extra generator on the per-chunk path.
+    """
+    if route.cold_start_timeout_s is None:
+        return token_chunks
+    return _first_within(token_chunks, Deadline(route.cold_start_timeout_s, lambda: model_starting(route)))
+
+
+async def _first_within(token_chunks: AsyncIterator[TokenChunk], cold_start: Deadline) -> AsyncIterator[TokenChunk]:
     iterator = aiter(token_chunks)
-    if route.cold_start_timeout_s is not None:
-        limit = route.cold_start_timeout_s
-        cold_start = Deadline(limit, lambda: model_starting(route))
-        try:
-            yield await cold_start.run(anext(iterator))
-        except StopAsyncIteration:
-            return
+    try:
+        yield await cold_start.run(anext(iterator))
+    except StopAsyncIteration:
+        return
     async for chunk in iterator:
         yield chunk
 

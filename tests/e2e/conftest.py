@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,27 @@ from deployments.auth import hash_key
 from graphs.local_cluster import LocalServeCluster, free_port, load_config, wait_for
 
 poll = wait_for
+
+
+class BackgroundLoad:
+    """Threads that each run `_run(index)` until stopped; a context manager around them."""
+
+    def __init__(self, threads: int) -> None:
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def _run(self, index: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
 
-from tests.e2e.conftest import poll
+from tests.e2e.conftest import BackgroundLoad, poll
 
 
 def running_replicas(app: str, deployment: str) -> int:
@@ -17,30 +16,19 @@ def running_replicas(app: str, deployment: str) -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
-class SteadyLoad:
+class SteadyLoad(BackgroundLoad):
     """Keeps `streams` long requests in flight until stopped; counts what came back."""
 
     def __init__(self, url: str, model: str, streams: int) -> None:
+        super().__init__(streams)
         self._url, self._model = url, model
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run) for _ in range(streams)]
         self.statuses: list[int] = []
 
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
         body = {"model": self._model, "prompt": "Tell me a story", "max_tokens": 200, "ignore_eos": True}
         with httpx.Client(timeout=900) as client:
             while not self._stop.is_set():
                 self.statuses.append(client.post(self._url, json=body).status_code)
-
-    def __enter__(self) -> SteadyLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
 
 
 def test_engine_scales_up_under_load_then_down_to_zero_and_serves_a_cold_request(graph):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pytest
 from bench.targets import BareVllmTarget
 from models.build import default_cache_dir, ensure_local_model
 from models.spec import LocalBuildRecipe, ModelSpec
-from tests.e2e.conftest import poll
+from tests.e2e.conftest import BackgroundLoad, poll
 
 SERVED_BY = "x-servegraph-served-by"
 
@@ -40,13 +39,12 @@ def upstream(graph) -> Iterator[BareVllmTarget]:
     server.__exit__(None, None, None)
 
 
-class ContinuousLoad:
+class ContinuousLoad(BackgroundLoad):
     """Sends requests back to back from a few threads (streams and not); records every outcome."""
 
     def __init__(self, url: str, model: str, threads: int = 3, max_tokens: int = 16) -> None:
+        super().__init__(threads)
         self._url, self._model, self._max_tokens = url, model, max_tokens
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
         self.outcomes: list[tuple[int, str, str]] = []  # status, served by, error code or ""
 
     def _run(self, index: int) -> None:
@@ -75,16 +73,6 @@ class ContinuousLoad:
         events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
         errors = [json.loads(e)["error"]["code"] for e in events[:-1] if '"error"' in e]
         return 200, served_by, errors[0] if errors else ("" if events[-1] == "[DONE]" else "unterminated")
-
-    def __enter__(self) -> ContinuousLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
 
     def since(self, start: int) -> list[tuple[int, str, str]]:
         return self.outcomes[start:]
