@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Header
 from ray import serve
 
+from deployments.auth import Tenant, TenantDirectory, require_admin
 from deployments.ingress import install_error_handlers
+from graphs.config import AuthConfig
 
 
-def build_admin_app(llm_app: str) -> FastAPI:
+def build_admin_app(llm_app: str, tenants: TenantDirectory) -> FastAPI:
+    """Health is open; everything else needs an admin tenant's key (unless auth is off)."""
+
+    def admin_only(authorization: str | None = Header(None)) -> Tenant:
+        return require_admin(tenants.authenticate(authorization))
+
     app = FastAPI(title="servegraph admin")
     install_error_handlers(app)
 
@@ -18,7 +25,7 @@ def build_admin_app(llm_app: str) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/engines")
+    @app.get("/engines", dependencies=[Depends(admin_only)])
     async def engines() -> dict[str, dict]:
         """Counters of one replica of each engine deployment (aborted requests, tokens, unfinished).
 
@@ -40,8 +47,9 @@ def build_admin_app(llm_app: str) -> FastAPI:
 @serve.deployment(name="admin", ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Admin:
-    def __init__(self, llm_app: str) -> None:
+    def __init__(self, llm_app: str, auth: AuthConfig) -> None:
         self._llm_app = llm_app
+        self._tenants = TenantDirectory(auth)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_admin_app(self._llm_app)
+        return build_admin_app(self._llm_app, self._tenants)

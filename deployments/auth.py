@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployments.errors import OpenAIError
-from graphs.config import AuthConfig, TenantSpec
+from graphs.config import AuthConfig, PriorityClass, TenantLimits, TenantSpec
 
 BEARER = "bearer "
 
@@ -39,6 +39,12 @@ class Tenant:
     name: str
     models: frozenset[str]  # model (or upstream) names; "*" for all
     admin: bool = False
+    limits: TenantLimits = TenantLimits()
+    priority: PriorityClass = PriorityClass.interactive
+
+    @classmethod
+    def of(cls, spec: TenantSpec) -> Tenant:
+        return cls(spec.name, frozenset(spec.models), spec.admin, spec.limits, spec.priority)
 
     def allows(self, model: str) -> bool:
         """model: a model's name, never an alias, so every alias of a model is allowed with it."""
@@ -64,7 +70,7 @@ class TenantDirectory:
         self.enabled = config.enabled
         self._by_hash: list[tuple[bytes, Tenant]] = []
         for spec in config.tenants:
-            tenant = Tenant(spec.name, frozenset(spec.models), spec.admin)
+            tenant = Tenant.of(spec)
             for key_hash in tenant_key_hashes(spec, environ):
                 self._by_hash.append((key_hash.encode(), tenant))
 
@@ -81,6 +87,16 @@ class TenantDirectory:
         if found is None:
             raise AuthenticationError("Incorrect API key provided.")
         return found
+
+
+class AdminRequiredError(PermissionDeniedError):
+    default_code = "admin_required"
+
+
+def require_admin(tenant: Tenant) -> Tenant:
+    if not tenant.admin:
+        raise AdminRequiredError(f"Tenant `{tenant.name}` is not an admin tenant.")
+    return tenant
 
 
 def model_not_allowed(tenant: Tenant, model: str) -> PermissionDeniedError:

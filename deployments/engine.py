@@ -97,6 +97,7 @@ class Engine:
             TokensPrompt(prompt_token_ids=request.prompt_token_ids),
             sampling_params(request, self._spec.stream_interval),
             request.request_id,
+            priority=request.priority,
         )
         try:
             async for output in outputs:

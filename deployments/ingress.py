@@ -6,14 +6,17 @@ behaviour is testable in-process; the Serve deployment plugs in handle-backed st
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
 from typing import Protocol
 
 import httpx
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -21,8 +24,8 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.auth import Tenant, TenantDirectory, model_not_allowed
-from deployments.errors import OpenAIError, RequestTimeoutError, as_openai_error
+from deployments.auth import Tenant, TenantDirectory, model_not_allowed, require_admin
+from deployments.errors import ModelNotFoundError, OpenAIError, RequestTimeoutError, as_openai_error
 from deployments.fallback import FallbackChain
 from deployments.messages import ModelRoute, PreparedRequest, TextChunk, merge_chunks
 from deployments.protocol import (
@@ -40,11 +43,13 @@ from deployments.protocol import (
     Usage,
     new_id,
 )
+from deployments.quota import HandleQuotas, Quotas
 from deployments.router import Link, ModelRegistry, TrafficWeights
 from deployments.streaming import Deadline, until_finished
 from deployments.telemetry import RequestRecord, RequestTelemetry, RequestTrace, status_of
 from deployments.upstream import UpstreamClient
-from graphs.config import AuthConfig, IngressConfig
+from deployments.usage import UsageLog, UsageRecord, UsageReport, read_usage, summarize
+from graphs.config import AuthConfig, IngressConfig, UsageConfig
 from models.spec import UpstreamSpec
 
 logger = logging.getLogger("servegraph.ingress")
@@ -56,7 +61,9 @@ class GraphStages(Protocol):
     """The calls the ingress makes into the rest of the graph."""
 
     async def chain(self, model: str, session_key: str | None) -> list[Link]: ...
-    async def prepare(self, route: ModelRoute, request: OpenAIRequest, request_id: str) -> PreparedRequest: ...
+    async def prepare(
+        self, route: ModelRoute, request: OpenAIRequest, request_id: str, priority: int = 0
+    ) -> PreparedRequest: ...
     def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]: ...
     async def complete(self, prepared: PreparedRequest) -> TextChunk: ...
     def stream_upstream(self, upstream: UpstreamSpec, request: OpenAIRequest) -> AsyncIterator[TextChunk]: ...
@@ -95,8 +102,10 @@ class HandleStages:
     async def chain(self, model: str, session_key: str | None) -> list[Link]:
         return (await self.registry()).chain(model, session_key)
 
-    async def prepare(self, route: ModelRoute, request: OpenAIRequest, request_id: str) -> PreparedRequest:
-        return await self._tokenizer.prepare.remote(route, request, request_id)
+    async def prepare(
+        self, route: ModelRoute, request: OpenAIRequest, request_id: str, priority: int = 0
+    ) -> PreparedRequest:
+        return await self._tokenizer.prepare.remote(route, request, request_id, priority)
 
     async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]:
         chunks = self._postprocess_stream.stream.remote(prepared)
@@ -314,17 +323,22 @@ def link_timeout(link: Link) -> float | None:
 class LinkAttempts:
     """Runs one request on one link of its fallback chain: a local model version or an upstream."""
 
-    def __init__(self, stages: GraphStages, request: OpenAIRequest, response_id: str, deadline: Deadline) -> None:
+    def __init__(
+        self, stages: GraphStages, request: OpenAIRequest, response_id: str, deadline: Deadline, priority: int
+    ) -> None:
         self._stages = stages
         self._request = request
         self._response_id = response_id
         self._deadline = deadline
+        self._priority = priority
+
+    async def _prepare(self, route: ModelRoute) -> PreparedRequest:
+        return await self._deadline.run(self._stages.prepare(route, self._request, self._response_id, self._priority))
 
     async def _chunks(self, link: Link) -> AsyncIterator[TextChunk]:
         if isinstance(link.target, UpstreamSpec):
             return self._stages.stream_upstream(link.target, self._request)
-        prepared = await self._deadline.run(self._stages.prepare(link.target, self._request, self._response_id))
-        return self._stages.stream(prepared)
+        return self._stages.stream(await self._prepare(link.target))
 
     async def stream(self, link: Link) -> AsyncIterator[TextChunk]:
         return await open_stream(await self._chunks(link), self._deadline)
@@ -332,8 +346,7 @@ class LinkAttempts:
     async def complete(self, link: Link) -> TextChunk:
         if isinstance(link.target, UpstreamSpec):
             return merge_chunks([chunk async for chunk in self._deadline.iterate(await self._chunks(link))])
-        prepared = await self._deadline.run(self._stages.prepare(link.target, self._request, self._response_id))
-        return await self._deadline.run(self._stages.complete(prepared))
+        return await self._deadline.run(self._stages.complete(await self._prepare(link.target)))
 
 
 def allowed_links(tenant: Tenant, requested: str, links: list[Link]) -> list[Link]:
@@ -344,16 +357,29 @@ def allowed_links(tenant: Tenant, requested: str, links: list[Link]) -> list[Lin
     return [primary, *(link for link in fallbacks if tenant.allows(link.model))]
 
 
+def settling(observe: Callable[[RequestRecord], None], quotas: Quotas, tenant: str, lease: str):
+    """observe, after telling the quota store the request's tokens and freeing its slot."""
+
+    def finished(record: RequestRecord) -> None:
+        quotas.settle(tenant, lease, record.prompt_tokens + record.completion_tokens)
+        observe(record)
+
+    return finished
+
+
 def build_openai_app(
     stages: GraphStages,
     application: str = "llm",
     observe: Callable[[RequestRecord], None] = lambda record: None,
     fallbacks: FallbackChain | None = None,
     tenants: TenantDirectory | None = None,
+    quotas: Quotas | None = None,
+    usage_dir: Path | None = None,
 ) -> FastAPI:
     """The OpenAI API over stages; observe gets one RequestRecord per finished request.
 
-    Without a tenant directory, auth is off (every caller is the `default` tenant).
+    Without a tenant directory, auth is off (every caller is the `default` tenant). Tenants
+    with limits are admitted by quotas; /v1/usage reads the records kept in usage_dir.
     """
     app = FastAPI(title="servegraph", description="OpenAI-compatible multi-model serving graph")
     chain = fallbacks or FallbackChain()
@@ -375,9 +401,12 @@ def build_openai_app(
         try:
             chain_links = await stages.chain(request.model, session_key_of(http_request, request))
             links = allowed_links(tenant, request.model, chain_links)
+            if quotas is not None and tenant.limits.any:
+                await quotas.admit(tenant.name, response_id)
+                trace.observe = settling(trace.observe, quotas, tenant.name, response_id)
             primary = links[0]
             deadline = Deadline(link_timeout(primary), lambda: timeout_error(primary.model, link_timeout(primary)))
-            attempts = LinkAttempts(stages, request, response_id, deadline)
+            attempts = LinkAttempts(stages, request, response_id, deadline, tenant.priority.engine_priority)
             link, result = await chain.first_served(links, attempts.stream if request.stream else attempts.complete)
             target = link.target
             version = target.version if isinstance(target, ModelRoute) else "upstream"
@@ -404,6 +433,22 @@ def build_openai_app(
         listed = await stages.model_list()
         return ModelList(data=[card for card in listed.data if tenant.allows(card.root)])
 
+    @app.get("/v1/usage")
+    async def usage(
+        tenant: Tenant = Depends(tenant_of),
+        of_tenant: str | None = Query(None, alias="tenant", description="Admin keys only: another tenant."),
+        start: date | None = None,
+        end: date | None = None,
+    ) -> UsageReport:
+        """Requests and tokens per model and day: the caller's own, or (admin key) every tenant's."""
+        if usage_dir is None:
+            raise ModelNotFoundError("This application keeps no usage records.", code="not_found")
+        if of_tenant not in (None, tenant.name):
+            require_admin(tenant)
+        who = of_tenant or (None if tenant.admin else tenant.name)
+        table = await asyncio.to_thread(read_usage, usage_dir)
+        return summarize(table, tenant=who, application=application, since=start, until=end)
+
     @app.post("/v1/completions", response_model=None)
     async def completions(http_request: Request, request: CompletionRequest, tenant: Tenant = Depends(tenant_of)):
         return await generate(http_request, request, CompletionShape(), tenant)
@@ -423,11 +468,23 @@ class Ingress:
     """user_config (see graphs.config.IngressConfig) carries traffic weights: no restart to change them."""
 
     def __init__(
-        self, router: DeploymentHandle, tokenizer: DeploymentHandle, postprocess: DeploymentHandle, auth: AuthConfig
+        self,
+        router: DeploymentHandle,
+        tokenizer: DeploymentHandle,
+        postprocess: DeploymentHandle,
+        auth: AuthConfig,
+        usage: UsageConfig,
+        quota: DeploymentHandle | None = None,
     ):
         self._stages = HandleStages(router, tokenizer, postprocess)
         self._telemetry = RequestTelemetry()
         self._tenants = TenantDirectory(auth)
+        self._quotas = HandleQuotas(quota) if quota is not None else None
+        self._usage = UsageLog(usage, serve.get_replica_context().replica_id.unique_id)
+
+    def _observe(self, record: RequestRecord) -> None:
+        self._usage.write(UsageRecord.of(record))
+        self._telemetry.observe(record)
 
     async def reconfigure(self, user_config: dict) -> None:
         config = IngressConfig.model_validate(user_config)
@@ -436,4 +493,15 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         application = serve.get_replica_context().app_name
-        return build_openai_app(self._stages, application, self._telemetry.observe, tenants=self._tenants)
+        return build_openai_app(
+            self._stages,
+            application,
+            self._observe,
+            tenants=self._tenants,
+            quotas=self._quotas,
+            usage_dir=self._usage.directory,
+        )
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown: the open usage segment becomes Parquet now."""
+        self._usage.close()

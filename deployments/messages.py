@@ -43,6 +43,7 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingSettings
+    priority: int = 0  # vLLM's: lower is scheduled first
 
 
 @dataclass(frozen=True)

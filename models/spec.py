@@ -156,6 +156,12 @@ class ModelSpec(StrictModel):
     request_timeout_s: float | None = Field(
         600, gt=0, description="A request still running after this gets 504 (streams: an error event) and is aborted."
     )
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Requests inside one engine replica, running or in vLLM's priority queue. "
+        "Default 2 x max_num_seqs; more lets priorities reorder a longer queue.",
+    )
     max_queued_requests: int | None = Field(
         None,
         ge=0,
@@ -177,6 +183,10 @@ class ModelSpec(StrictModel):
         if self.default_max_tokens >= self.max_model_len:
             raise ValueError(f"model {self.name!r}: default_max_tokens must be less than max_model_len")
         return self
+
+    @property
+    def engine_max_ongoing(self) -> int:
+        return self.max_ongoing_requests or 2 * self.max_num_seqs
 
     @property
     def engine_queue_limit(self) -> int:

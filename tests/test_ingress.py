@@ -49,8 +49,8 @@ class InProcessStages:
     async def chain(self, model: str, session_key: str | None):
         return self.registry.chain(model, session_key)
 
-    async def prepare(self, route, request, request_id) -> PreparedRequest:
-        return self._prompts[route.engine].prepare(route, request, request_id)
+    async def prepare(self, route, request, request_id, priority=0) -> PreparedRequest:
+        return self._prompts[route.engine].prepare(route, request, request_id, priority)
 
     async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]:
         engine = self._engines[prepared.route.engine]

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from deployments.auth import hash_key
+from graphs.config import USAGE_DIR_ENV
 from graphs.local_cluster import LocalServeCluster, free_port, load_config, wait_for
 
 poll = wait_for
@@ -46,6 +47,7 @@ class Graph:
     logs_dir: Path
     cluster: LocalServeCluster
     upstream_port: int
+    usage_dir: Path
 
     @property
     def openai_base_url(self) -> str:
@@ -59,12 +61,33 @@ class Graph:
         return httpx.get(f"{self.base_url}/admin/engines", timeout=10).json()
 
 
-# A second LLM application beside the default graph: one model with a one-request queue and a
-# short deadline, so overload and timeouts can be provoked without slowing the default models.
-# It also requires API keys: tenant `alpha` (key hash in the config) may use every model,
-# `beta` (keys from the environment) none.
+# A second LLM application beside the default graph, with API keys, on two ingress replicas:
+# - `strict` has a one-request queue and a short deadline, so overload and timeouts can be
+#   provoked without slowing the default models;
+# - `shared` runs one sequence at a time but holds eight in vLLM's queue, where priorities act.
+# Tenants: `alpha` (admin, key hash in the config) may use every model, `beta` (keys from the
+# environment) none; the others each show one limit or priority class.
 ALPHA_KEY, BETA_KEY = "sk-test-alpha-5f1c", "sk-test-beta-9d2e"
 TENANT_ENV = {"SERVEGRAPH_TEST_BETA_KEYS": f"sk-unused,{BETA_KEY}"}
+TENANT_KEYS = {
+    name: f"sk-test-{name}-{index}7a"
+    for index, name in enumerate(["metered", "tokens", "single", "flood", "calm", "batchy", "ledger"])
+}
+LIMITED_TENANTS = {
+    "metered": {"limits": {"requests_per_minute": 6}},
+    "tokens": {"limits": {"tokens_per_minute": 60}},
+    "single": {"limits": {"max_concurrent": 1}},
+    "flood": {"limits": {"max_concurrent": 3}, "priority": "batch"},
+    "calm": {},
+    "batchy": {"priority": "batch"},
+    "ledger": {},
+}
+LIMITS_AUTH = {"tenants": [
+    {"name": "alpha", "key_hashes": [hash_key(ALPHA_KEY)], "admin": True},
+    {"name": "beta", "keys_env": "SERVEGRAPH_TEST_BETA_KEYS", "models": []},
+    *({"name": name, "key_hashes": [hash_key(TENANT_KEYS[name])], **spec} for name, spec in LIMITED_TENANTS.items()),
+]}  # fmt: skip
+TWO_REPLICAS = {"min_replicas": 2, "max_replicas": 2}
 LIMITS_APPS = [
     {
         "name": "limits",
@@ -74,20 +97,21 @@ LIMITS_APPS = [
             "accelerator": "cpu",
             "models": [
                 {"name": "strict", "build": {"seed": 0}, "max_model_len": 2048, "max_num_seqs": 1,
-                 "max_queued_requests": 1, "request_timeout_s": 3, "default_max_tokens": 64}
+                 "max_queued_requests": 1, "request_timeout_s": 3, "default_max_tokens": 64},
+                {"name": "shared", "build": {"seed": 0}, "max_model_len": 512, "max_num_seqs": 1,
+                 "max_ongoing_requests": 8, "max_queued_requests": 16, "default_max_tokens": 64},
             ],
-            "auth": {"tenants": [
-                {"name": "alpha", "key_hashes": [hash_key(ALPHA_KEY)]},
-                {"name": "beta", "keys_env": "SERVEGRAPH_TEST_BETA_KEYS", "models": []},
-            ]},
+            "auth": LIMITS_AUTH,
         },
-        # Small CPU asks, so this app fits beside the default graph's on two logical CPUs.
-        "deployments": [{"name": "engine-strict-v1", "ray_actor_options": {"num_cpus": 0.2}}]
-        + [{"name": name, "ray_actor_options": {"num_cpus": 0.05}}
-           for name in ("ingress", "router", "tokenizer", "postprocess")],
+        # Small CPU asks, so this app fits beside the default graph's; two ingress and router replicas.
+        "deployments": [{"name": engine, "ray_actor_options": {"num_cpus": 0.2}}
+                        for engine in ("engine-strict-v1", "engine-shared-v1")]
+        + [{"name": name, "ray_actor_options": {"num_cpus": 0.05}} for name in ("tokenizer", "postprocess")]
+        + [{"name": name, "ray_actor_options": {"num_cpus": 0.05}, "autoscaling_config": TWO_REPLICAS}
+           for name in ("ingress", "router")],
     },
     {"name": "limits-admin", "route_prefix": "/limits-admin", "import_path": "graphs.builder:build_admin_app",
-     "args": {"llm_app": "limits"}},
+     "args": {"llm_app": "limits", "auth": LIMITS_AUTH}},
 ]  # fmt: skip
 
 
@@ -139,6 +163,8 @@ FAST_AUTOSCALING_ENV = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "
 @pytest.fixture(scope="session")
 def graph(tmp_path_factory) -> Iterator[Graph]:
     os.environ["SERVEGRAPH_CACHE_DIR"] = str(tmp_path_factory.mktemp("model-cache"))
+    usage_dir = tmp_path_factory.mktemp("usage")
+    os.environ[USAGE_DIR_ENV] = str(usage_dir)
     work_dir = tmp_path_factory.mktemp("graph")
     upstream_port = free_port()
     config = load_config()
@@ -148,7 +174,9 @@ def graph(tmp_path_factory) -> Iterator[Graph]:
         {**config, "applications": apps}, work_dir, num_cpus=16, metrics_report_interval_ms=1000,
         env=FAST_AUTOSCALING_ENV | TENANT_ENV,
     ) as cluster:  # fmt: skip
-        yield Graph(cluster.base_url, cluster.config, cluster.metrics_url, cluster.logs_dir, cluster, upstream_port)
+        yield Graph(
+            cluster.base_url, cluster.config, cluster.metrics_url, cluster.logs_dir, cluster, upstream_port, usage_dir
+        )
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ ALPHA = {"Authorization": f"Bearer {ALPHA_KEY}"}
 
 
 def strict_stats(graph) -> dict:
-    return httpx.get(f"{graph.base_url}/limits-admin/engines", timeout=10).json()["engine-strict-v1"]
+    return httpx.get(f"{graph.base_url}/limits-admin/engines", headers=ALPHA, timeout=10).json()["engine-strict-v1"]
 
 
 async def burst(url: str, n: int, max_tokens: int) -> list[httpx.Response]:

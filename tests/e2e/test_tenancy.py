@@ -1,0 +1,221 @@
+"""Quotas, priorities, fairness and usage metering on the real graph (conftest's `limits` app:
+two ingress replicas, one quota replica, real vLLM engines)."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+import uuid
+from collections import Counter
+
+import httpx
+import openai
+import pytest
+import ray
+
+from deployments.usage import SEGMENTS, read_usage
+from tests.e2e.conftest import ALPHA_KEY, BETA_KEY, TENANT_KEYS, BackgroundLoad, poll
+
+ALPHA = {"Authorization": f"Bearer {ALPHA_KEY}"}
+
+
+def headers(tenant: str, request_id: str | None = None) -> dict[str, str]:
+    extra = {"X-Request-Id": request_id} if request_id else {}
+    return {"Authorization": f"Bearer {TENANT_KEYS[tenant]}", **extra}
+
+
+def url(graph, path: str = "/completions") -> str:
+    return f"{graph.base_url}/limits/v1{path}"
+
+
+def body(max_tokens: int, model: str = "shared", **extra) -> dict:
+    return {"model": model, "prompt": "Tell me a story", "max_tokens": max_tokens, "ignore_eos": True, **extra}
+
+
+def running_replicas(graph, deployment: str) -> list[dict]:
+    replicas = graph.cluster.applications()["limits"]["deployments"][deployment]["replicas"]
+    return [replica for replica in replicas if replica["state"] == "RUNNING"]
+
+
+def test_request_limit_holds_across_two_ingress_replicas(graph):
+    assert len(running_replicas(graph, "ingress")) == 2 and len(running_replicas(graph, "router")) == 2
+    prefix = f"metered-{uuid.uuid4().hex[:6]}"
+    statuses = []
+    for i in range(10):  # a new connection each: the proxy spreads them over both replicas
+        response = httpx.post(url(graph), json=body(1), headers=headers("metered", f"{prefix}-{i}"), timeout=60)
+        statuses.append(response.status_code)
+    assert statuses == [200] * 6 + [429] * 4, statuses
+    client = openai.OpenAI(base_url=url(graph, ""), api_key=TENANT_KEYS["metered"], max_retries=0)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.completions.create(model="shared", prompt="Hi", max_tokens=1)
+    error = refused.value.body
+    assert error["code"] == "rate_limit_exceeded" and "6 requests per minute" in error["message"], error
+    assert 0 < int(refused.value.response.headers["retry-after"]) <= 60
+
+    def replicas_that_served() -> set[str] | None:
+        logs = graph.logs_dir / "serve"
+        served = {log.name for log in logs.glob("replica_limits_ingress_*.log") if prefix in log.read_text()}
+        return served if len(served) == 2 else None
+
+    poll(replicas_that_served, 30, "both ingress replicas to have logged requests of the tenant")
+
+
+def test_token_limit_counts_prompt_and_completion_tokens(graph):
+    statuses, used = [], 0
+    for _ in range(3):
+        response = httpx.post(url(graph), json=body(30), headers=headers("tokens"), timeout=60)
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            used += response.json()["usage"]["total_tokens"]
+    assert statuses == [200, 200, 429] and 60 <= used, (statuses, used)
+    assert "60 tokens per minute" in response.json()["error"]["message"]
+
+
+def test_concurrency_limit_refuses_a_second_request_in_flight(graph):
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", url(graph), json=body(400, stream=True), headers=headers("single")) as stream:
+            assert stream.status_code == 200
+            next(stream.iter_lines())  # the first request is running
+            second = client.post(url(graph), json=body(1), headers=headers("single"))
+            assert second.status_code == 429 and "1 concurrent requests" in second.json()["error"]["message"]
+        # the stream was cancelled: once the ingress notices, the slot is free again
+        poll(lambda: client.post(url(graph), json=body(1), headers=headers("single")).status_code == 200, 60,
+             "the cancelled request's slot to free")  # fmt: skip
+
+
+def engine_unfinished(graph) -> int:
+    stats = httpx.get(f"{graph.base_url}/limits-admin/engines", headers=ALPHA, timeout=10).json()
+    return stats["engine-shared-v1"]["unfinished"]
+
+
+def timed_request(graph, tenant: str, max_tokens: int, finished: list[str], name: str) -> threading.Thread:
+    def run() -> None:
+        response = httpx.post(url(graph), json=body(max_tokens), headers=headers(tenant), timeout=300)
+        assert response.status_code == 200, response.text
+        finished.append(name)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_interactive_tenant_jumps_the_batch_queue(graph):
+    """shared runs one sequence at a time: four batch requests queue, then one interactive arrives."""
+    poll(lambda: engine_unfinished(graph) == 0, 120, "the shared engine to be idle")
+    finished: list[str] = []
+    threads = [timed_request(graph, "batchy", 48, finished, f"batch-{i}") for i in range(4)]
+    poll(lambda: engine_unfinished(graph) == 4, 60, "four batch requests inside the engine")
+    threads.append(timed_request(graph, "calm", 48, finished, "interactive"))
+    for thread in threads:
+        thread.join()
+    print(f"finish order under priority scheduling: {finished}")  # noqa: T201
+    # First come, first served would finish it last; priority puts it right after the running one.
+    assert finished.index("interactive") <= 2, finished
+
+
+class Flood(BackgroundLoad):
+    """A tenant sending far more than its share: 8 threads back to back against its limit of 3."""
+
+    def __init__(self, graph) -> None:
+        super().__init__(threads=8)
+        self._url = url(graph)
+        self.statuses: list[int] = []
+
+    def _run(self, index: int) -> None:
+        with httpx.Client(timeout=300) as client:
+            while not self._stop.is_set():
+                self.statuses.append(client.post(self._url, json=body(32), headers=headers("flood")).status_code)
+
+
+CALM_BOUND_S = 20.0
+
+
+def test_a_flooding_tenant_does_not_starve_another(graph):
+    def calm_latencies(n: int) -> list[float]:
+        latencies = []
+        for _ in range(n):
+            started = time.monotonic()
+            response = httpx.post(url(graph), json=body(16), headers=headers("calm"), timeout=120)
+            assert response.status_code == 200, response.text
+            latencies.append(time.monotonic() - started)
+        return latencies
+
+    alone = calm_latencies(3)
+    with Flood(graph) as flood:
+        poll(lambda: Counter(flood.statuses)[429] >= 10, 120, "the flood to hit its limit")
+        flooded = calm_latencies(5)
+    counts = Counter(flood.statuses)
+    print(  # noqa: T201
+        f"fairness: calm alone median {statistics.median(alone):.2f} s; under flood median "
+        f"{statistics.median(flooded):.2f} s, max {max(flooded):.2f} s (bound {CALM_BOUND_S:g} s); flood {dict(counts)}"
+    )
+    assert counts[200] >= 1 and counts[429] >= 10 and set(counts) <= {200, 429}, counts
+    assert max(flooded) < CALM_BOUND_S, flooded
+
+
+def send_ledger_requests(graph, prefix: str, start: int, count: int) -> dict[str, int]:
+    """count requests of the `ledger` tenant; total tokens per request id as the responses report them."""
+    tokens = {}
+    for i in range(start, start + count):
+        request_id = f"{prefix}-{i}"
+        if i % 4 == 3:  # over the model's context: a 400, metered too
+            too_long = body(1, prompt="word " * 2000)
+            response = httpx.post(url(graph), json=too_long, headers=headers("ledger", request_id), timeout=60)
+            assert response.status_code == 400, response.text
+            tokens[request_id] = 0
+            continue
+        response = httpx.post(url(graph), json=body(4), headers=headers("ledger", request_id), timeout=60)
+        assert response.status_code == 200, response.text
+        tokens[request_id] = response.json()["usage"]["total_tokens"]
+    return tokens
+
+
+def test_usage_records_equal_requests_served_across_a_replica_kill(graph):
+    prefix = f"ledger-{uuid.uuid4().hex[:6]}"
+    sent = send_ledger_requests(graph, prefix, 0, 8)
+    victim = running_replicas(graph, "ingress")[0]
+    ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
+
+    def replaced() -> bool:
+        ids = {replica["replica_id"] for replica in running_replicas(graph, "ingress")}
+        return len(ids) == 2 and victim["replica_id"] not in ids
+
+    poll(replaced, 300, "Serve to replace the killed ingress replica", interval_s=1)
+    dead_segments = lambda: list((graph.usage_dir / SEGMENTS).glob(f"{victim['replica_id']}-*.jsonl"))  # noqa: E731
+    poll(lambda: not dead_segments(), 60, "the killed replica's segment to be converted to Parquet")
+    sent |= send_ledger_requests(graph, prefix, 8, 8)
+
+    table = read_usage(graph.usage_dir).to_pylist()
+    records = {row["request_id"]: row for row in table if row["request_id"].startswith(prefix)}
+    assert len([row for row in table if row["request_id"].startswith(prefix)]) == len(records) == len(sent)
+    assert {rid: row["prompt_tokens"] + row["completion_tokens"] for rid, row in records.items()} == sent
+    assert Counter(row["status"] for row in records.values()) == {"success": 12, "error": 4}
+
+    own = httpx.get(url(graph, "/usage"), headers=headers("ledger"), timeout=30).json()["data"]
+    assert {day["tenant"] for day in own} == {"ledger"}
+    assert sum(day["requests"] for day in own) == 16 and sum(day["total_tokens"] for day in own) == sum(sent.values())
+    every = httpx.get(url(graph, "/usage"), headers=ALPHA, timeout=30).json()["data"]
+    assert {"ledger", "metered", "flood", "calm"} <= {day["tenant"] for day in every}
+    other = httpx.get(url(graph, "/usage"), params={"tenant": "metered"}, headers=headers("ledger"), timeout=30)
+    assert other.status_code == 403
+
+
+def test_admin_app_requires_an_admin_key(graph):
+    admin = f"{graph.base_url}/limits-admin/engines"
+    assert httpx.get(admin, timeout=30).status_code == 401
+    assert httpx.get(admin, headers=headers("calm"), timeout=30).status_code == 403
+    assert httpx.get(admin, headers=ALPHA, timeout=30).status_code == 200
+    assert httpx.get(f"{graph.base_url}/limits-admin/healthz", timeout=30).status_code == 200
+
+
+def test_keys_never_reach_the_logs(graph):
+    """Last of the session: by now every tenant's key has been used, and a wrong key refused."""
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url(graph, ""), api_key="sk-leak-canary-7", max_retries=0).models.list()
+    keys = [ALPHA_KEY, BETA_KEY, "sk-leak-canary-7", *TENANT_KEYS.values()]
+    for path in graph.logs_dir.rglob("*"):
+        if path.is_file():
+            text = path.read_bytes()
+            for key in keys:
+                assert key.encode() not in text, (key, path)

@@ -1,0 +1,217 @@
+"""Quotas, priorities and usage metering without Ray: the ledger on a fake clock, the usage
+log on a temporary directory, and the HTTP layer over in-process stages."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from datetime import UTC, date, datetime
+
+import pyarrow.parquet as pq
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.auth import TenantDirectory, hash_key
+from deployments.errors import RateLimitError
+from deployments.ingress import build_openai_app
+from deployments.quota import LocalQuotas, QuotaLedger
+from deployments.telemetry import RequestRecord
+from deployments.usage import SEGMENTS, UsageLog, UsageRecord, read_usage, recover_orphans, summarize
+from graphs.config import AuthConfig, TenantLimits, TenantSpec, UsageConfig
+from tests.test_ingress import InProcessStages, ScriptedEngine
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ledger(clock: FakeClock, **limits: int) -> QuotaLedger:
+    return QuotaLedger({"a": TenantLimits(**limits)}, clock)
+
+
+def test_requests_per_minute_slide_and_name_the_limit():
+    clock = FakeClock()
+    quotas = ledger(clock, requests_per_minute=2)
+    quotas.admit("a", "r1")
+    clock.now += 20
+    quotas.admit("a", "r2")
+    with pytest.raises(RateLimitError) as refused:
+        quotas.admit("a", "r3")
+    assert "2 requests per minute" in refused.value.message and refused.value.status_code == 429
+    assert refused.value.headers["Retry-After"] == "40"  # when r1 leaves the window
+    clock.now += 40
+    quotas.admit("a", "r3")
+
+
+def test_tokens_per_minute_count_settled_tokens():
+    clock = FakeClock()
+    quotas = ledger(clock, tokens_per_minute=100)
+    quotas.admit("a", "r1")
+    quotas.settle("a", "r1", 70)
+    quotas.admit("a", "r2")  # 70 < 100: admitted, and may take the tenant over
+    clock.now += 10
+    quotas.settle("a", "r2", 50)
+    with pytest.raises(RateLimitError, match="100 tokens per minute") as refused:
+        quotas.admit("a", "r3")
+    assert refused.value.headers["Retry-After"] == "50"  # 120 - 70 = 50 < 100 once r1's tokens leave
+    clock.now += 50
+    quotas.admit("a", "r3")
+
+
+def test_concurrency_frees_on_settle_or_lease_expiry():
+    clock = FakeClock()
+    quotas = ledger(clock, max_concurrent=1)
+    quotas.admit("a", "r1")
+    with pytest.raises(RateLimitError, match="1 concurrent requests"):
+        quotas.admit("a", "r2")
+    quotas.settle("a", "r1", 5)
+    quotas.admit("a", "r2")
+    clock.now += 3600  # r2's ingress died: never settled
+    quotas.admit("a", "r3")
+
+
+def record(request_id: str, status: int = 200, tenant: str = "a", model: str = "tiny") -> RequestRecord:
+    return RequestRecord(request_id, "llm", model, "v1", status, False, 0.5, tenant, f"{model}@v1", 7, 3)
+
+
+def usage_config(**changes) -> UsageConfig:
+    return UsageConfig(**changes)
+
+
+def test_usage_log_rotates_by_size_and_reads_every_record_once(tmp_path):
+    log = UsageLog(usage_config(rotate_bytes=1024), "w1", tmp_path)
+    for i in range(22):
+        log.write(UsageRecord.of(record(f"r{i}", status=200 if i % 5 else 500)))
+    assert list(tmp_path.glob("usage-*.parquet")), "a segment past rotate_bytes became Parquet"
+    assert list((tmp_path / SEGMENTS).glob("*.jsonl")), "the rest is still in the open segment"
+    table = read_usage(tmp_path)
+    assert sorted(table["request_id"].to_pylist()) == sorted(f"r{i}" for i in range(22))
+    log.close()
+    assert not list((tmp_path / SEGMENTS).glob("*.jsonl"))
+    assert read_usage(tmp_path).num_rows == 22
+    (day,) = summarize(read_usage(tmp_path)).data
+    assert (day.requests, day.succeeded, day.failed, day.prompt_tokens, day.total_tokens) == (22, 17, 5, 154, 220)
+
+
+def test_usage_log_rotates_by_age(tmp_path):
+    log = UsageLog(usage_config(rotate_interval_s=0.2), "w1", tmp_path)
+    log.write(UsageRecord.of(record("r1")))
+    deadline = datetime.now(UTC).timestamp() + 30
+    while not list(tmp_path.glob("usage-*.parquet")):
+        assert datetime.now(UTC).timestamp() < deadline, "the rotation thread never rotated"
+        log._closed.wait(0.05)
+    log.close()
+    assert pq.read_table(next(tmp_path.glob("usage-*.parquet")))["request_id"].to_pylist() == ["r1"]
+
+
+def write_and_die(directory: str) -> None:
+    log = UsageLog(usage_config(), "dead", __import__("pathlib").Path(directory))
+    for i in range(3):
+        log.write(UsageRecord.of(record(f"d{i}")))
+    __import__("os")._exit(0)  # no close(), no rotation: as a killed replica
+
+
+def test_a_dead_writers_segment_is_recovered_not_lost(tmp_path):
+    process = multiprocessing.get_context("spawn").Process(target=write_and_die, args=(str(tmp_path),))
+    process.start()
+    process.join(60)
+    live = UsageLog(usage_config(), "live", tmp_path)
+    live.write(UsageRecord.of(record("l1")))
+    assert not list((tmp_path / SEGMENTS).glob("dead-*.jsonl")), "the next writer converted the orphan"
+    assert recover_orphans(tmp_path) == 0, "a live writer's open segment is never taken"
+    assert sorted(read_usage(tmp_path)["request_id"].to_pylist()) == ["d0", "d1", "d2", "l1"]
+    live.close()
+
+
+def test_torn_line_is_skipped(tmp_path):
+    (tmp_path / SEGMENTS).mkdir()
+    line = json.dumps(UsageRecord.of(record("ok")).__dict__)
+    (tmp_path / SEGMENTS / "x-000001.jsonl").write_text(line + "\n" + line[:20])
+    assert read_usage(tmp_path)["request_id"].to_pylist() == ["ok"]
+
+
+def test_summary_by_tenant_model_and_day(tmp_path):
+    log = UsageLog(usage_config(), "w", tmp_path)
+    day1 = datetime(2026, 11, 20, 23, 59, tzinfo=UTC).timestamp()
+    day2 = datetime(2026, 11, 21, 0, 1, tzinfo=UTC).timestamp()
+    for rid, when, status, tenant in [("1", day1, 200, "a"), ("2", day2, 499, "a"), ("3", day2, 200, "b")]:
+        log.write(UsageRecord.of(record(rid, status, tenant), now=when))
+    table = read_usage(tmp_path)
+    days = summarize(table, tenant="a").data
+    assert [(d.day, d.requests, d.cancelled) for d in days] == [(date(2026, 11, 20), 1, 0), (date(2026, 11, 21), 1, 1)]
+    assert [d.tenant for d in summarize(table, since=date(2026, 11, 21)).data] == ["a", "b"]
+    log.close()
+
+
+KEYS = {"a": "sk-a", "b": "sk-b", "ops": "sk-ops"}
+
+
+@pytest.fixture
+def tenant_client(tiny_spec, tiny_tokenizer, tmp_path):
+    specs = [
+        TenantSpec(name="a", key_hashes=[hash_key("sk-a")], limits=TenantLimits(requests_per_minute=2)),
+        TenantSpec(name="b", key_hashes=[hash_key("sk-b")], priority="batch"),
+        TenantSpec(name="ops", key_hashes=[hash_key("sk-ops")], admin=True),
+    ]
+    engine = PriorityRecorder()
+    stages = InProcessStages([tiny_spec], tiny_tokenizer, {"engine-tiny-v1": engine})
+    log = UsageLog(usage_config(), "w", tmp_path)
+    app = build_openai_app(
+        stages,
+        observe=lambda r: log.write(UsageRecord.of(r)),
+        tenants=TenantDirectory(AuthConfig(tenants=specs)),
+        quotas=LocalQuotas(QuotaLedger({"a": specs[0].limits})),
+        usage_dir=tmp_path,
+    )
+    yield TestClient(app, raise_server_exceptions=False), engine
+    log.close()
+
+
+class PriorityRecorder(ScriptedEngine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.priorities: list[int] = []
+
+    async def generate(self, prepared):
+        self.priorities.append(prepared.engine_request.priority)
+        async for chunk in super().generate(prepared):
+            yield chunk
+
+
+def complete(client: TestClient, tenant: str):
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+    return client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {KEYS[tenant]}"})
+
+
+def test_over_quota_is_429_with_retry_after_and_metered(tenant_client):
+    client, _ = tenant_client
+    assert [complete(client, "a").status_code for _ in range(3)] == [200, 200, 429]
+    refused = complete(client, "a")
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "requests per minute" in refused.json()["error"]["message"] and int(refused.headers["retry-after"]) > 0
+    usage = client.get("/v1/usage", headers={"Authorization": "Bearer sk-a"}).json()["data"]
+    assert [(d["tenant"], d["requests"], d["succeeded"], d["failed"]) for d in usage] == [("a", 4, 2, 2)]
+
+
+def test_priority_class_reaches_the_engine(tenant_client):
+    client, engine = tenant_client
+    complete(client, "a")
+    complete(client, "b")
+    assert engine.priorities == [0, 10]
+
+
+def test_usage_is_own_unless_admin(tenant_client):
+    client, _ = tenant_client
+    complete(client, "a")
+    complete(client, "b")
+    own = client.get("/v1/usage", headers={"Authorization": "Bearer sk-b"}).json()["data"]
+    assert [d["tenant"] for d in own] == ["b"]
+    other = client.get("/v1/usage", params={"tenant": "a"}, headers={"Authorization": "Bearer sk-b"})
+    assert other.status_code == 403 and other.json()["error"]["code"] == "admin_required"
+    every = client.get("/v1/usage", headers={"Authorization": "Bearer sk-ops"}).json()["data"]
+    assert sorted(d["tenant"] for d in every) == ["a", "b"]
+    assert client.get("/v1/usage").status_code == 401
