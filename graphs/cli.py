@@ -6,6 +6,7 @@ import argparse
 import os
 import shutil
 import sys
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,6 +134,27 @@ def cluster_node_types(args: argparse.Namespace):
     return node_types_from_launcher(load_launcher_config(args.cluster), gpu_memory)
 
 
+USAGE_COLUMNS = ["day", "tenant", "model", "requests", "succeeded", "failed", "cancelled", "prompt_tokens",
+                 "completion_tokens", "total_tokens"]  # fmt: skip
+
+
+def usage_report(args: argparse.Namespace) -> str:
+    """A fixed-width table of summarize()'s rows, with a total line."""
+    from deployments.usage import read_usage, summarize
+    from graphs.config import UsageConfig
+
+    directory = args.dir or UsageConfig().directory()
+    report = summarize(
+        read_usage(directory), tenant=args.tenant, application=args.application, since=args.since, until=args.until
+    )
+    rows = [[str(getattr(day, column)) for column in USAGE_COLUMNS] for day in report.data]
+    totals = [sum(getattr(day, column) for day in report.data) for column in USAGE_COLUMNS[3:]]
+    rows.append(["total", "", "", *map(str, totals)])
+    widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(USAGE_COLUMNS)]
+    lines = [USAGE_COLUMNS, *rows]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from models.placement import PlacementError
 
@@ -154,11 +176,20 @@ def main(argv: list[str] | None = None) -> int:
             )
     hash_command = commands.add_parser("hash-key", help="print the key_hashes entry for an API key read from stdin")
     hash_command.set_defaults(config=None)
+    usage_command = commands.add_parser("usage", help="print usage per tenant, model and day from the Parquet files")
+    usage_command.add_argument("--dir", type=Path, help="usage directory (default as the graph's: usage.dir)")
+    usage_command.add_argument("--tenant", help="only this tenant")
+    usage_command.add_argument("--application", help="only this application")
+    usage_command.add_argument("--since", type=date.fromisoformat, help="first day, YYYY-MM-DD (UTC)")
+    usage_command.add_argument("--until", type=date.fromisoformat, help="last day, YYYY-MM-DD (UTC)")
     args = parser.parse_args(argv)
     if args.command == "hash-key":
         from deployments.auth import hash_key
 
         print(hash_key(sys.stdin.readline().strip()))
+        return 0
+    if args.command == "usage":
+        print(usage_report(args))
         return 0
 
     try:

@@ -215,3 +215,16 @@ def test_usage_is_own_unless_admin(tenant_client):
     every = client.get("/v1/usage", headers={"Authorization": "Bearer sk-ops"}).json()["data"]
     assert sorted(d["tenant"] for d in every) == ["a", "b"]
     assert client.get("/v1/usage").status_code == 401
+
+
+def test_usage_report_command(tmp_path, capsys):
+    from graphs.cli import main
+
+    log = UsageLog(usage_config(), "w", tmp_path)
+    for rid, tenant in [("1", "a"), ("2", "a"), ("3", "b")]:
+        log.write(UsageRecord.of(record(rid, tenant=tenant)))
+    assert main(["usage", "--dir", str(tmp_path), "--tenant", "a"]) == 0
+    header, row, total = capsys.readouterr().out.splitlines()
+    assert header.split()[:4] == ["day", "tenant", "model", "requests"]
+    assert row.split()[1:4] == ["a", "tiny", "2"] and total.split()[:2] == ["total", "2"]
+    log.close()
