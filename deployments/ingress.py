@@ -24,7 +24,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.auth import Tenant, TenantDirectory, model_not_allowed, require_admin
+from deployments.auth import OPEN_TENANT, Tenant, TenantDirectory, model_not_allowed, require_admin
 from deployments.errors import ModelNotFoundError, OpenAIError, RequestTimeoutError, as_openai_error
 from deployments.fallback import FallbackChain
 from deployments.messages import ModelRoute, PreparedRequest, TextChunk, merge_chunks
@@ -306,6 +306,7 @@ def request_id_of(http_request: Request) -> str:
     return http_request.headers.get("x-request-id") or new_id("req")
 
 
+UNKNOWN_TENANT = "-"
 SESSION_HEADER = "x-session-id"
 SERVED_BY_HEADER = "X-Servegraph-Served-By"
 
@@ -389,7 +390,9 @@ def build_openai_app(
         return directory.authenticate(authorization)
 
     def on_rejected(http_request: Request, error: OpenAIError) -> None:
-        RequestTrace(observe, request_id_of(http_request), application, "-", stream=False).finish(error.status_code)
+        who = UNKNOWN_TENANT if directory.enabled else OPEN_TENANT.name  # refused before auth ran
+        trace = RequestTrace(observe, request_id_of(http_request), application, "-", stream=False, tenant=who)
+        trace.finish(error.status_code)
 
     install_error_handlers(app, on_rejected)
 

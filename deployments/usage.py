@@ -256,19 +256,16 @@ def summarize(
 ) -> UsageReport:
     """Per tenant, model and day: requests by outcome and tokens."""
     table = table.append_column("day", pc.cast(table["time"], pa.date32()))
-    conditions = [
-        (table["tenant"], tenant),
-        (table["application"], application),
-    ]
-    mask = pa.array([True] * table.num_rows)
-    for column, wanted in conditions:
-        if wanted is not None:
-            mask = pc.and_(mask, pc.equal(column, wanted))
+    wanted = pc.scalar(True)
+    if tenant is not None:
+        wanted &= pc.field("tenant") == tenant
+    if application is not None:
+        wanted &= pc.field("application") == application
     if since is not None:
-        mask = pc.and_(mask, pc.greater_equal(table["day"], pa.scalar(since, pa.date32())))
+        wanted &= pc.field("day") >= pa.scalar(since, pa.date32())
     if until is not None:
-        mask = pc.and_(mask, pc.less_equal(table["day"], pa.scalar(until, pa.date32())))
-    table = table.filter(mask)
+        wanted &= pc.field("day") <= pa.scalar(until, pa.date32())
+    table = table.filter(wanted)
     for status in ("success", "error", "cancelled"):
         table = table.append_column(status, pc.cast(pc.equal(table["status"], status), pa.int64()))
     grouped = table.group_by(["tenant", "model", "day"]).aggregate(

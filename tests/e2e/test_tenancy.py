@@ -89,11 +89,12 @@ def engine_unfinished(graph) -> int:
     return stats["engine-shared-v1"]["unfinished"]
 
 
-def timed_request(graph, tenant: str, max_tokens: int, finished: list[str], name: str) -> threading.Thread:
+def request_in_thread(graph, tenant: str, max_tokens: int, finished: list[tuple[str, int]], name: str):
+    """Sends one request on its own thread; finished gets (name, status) in the order they end."""
+
     def run() -> None:
         response = httpx.post(url(graph), json=body(max_tokens), headers=headers(tenant), timeout=300)
-        assert response.status_code == 200, response.text
-        finished.append(name)
+        finished.append((name, response.status_code))
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -101,17 +102,23 @@ def timed_request(graph, tenant: str, max_tokens: int, finished: list[str], name
 
 
 def test_interactive_tenant_jumps_the_batch_queue(graph):
-    """shared runs one sequence at a time: four batch requests queue, then one interactive arrives."""
+    """shared runs one sequence at a time: a long batch request holds it, three more batch
+    requests queue behind it, then one interactive request arrives."""
     poll(lambda: engine_unfinished(graph) == 0, 120, "the shared engine to be idle")
-    finished: list[str] = []
-    threads = [timed_request(graph, "batchy", 48, finished, f"batch-{i}") for i in range(4)]
-    poll(lambda: engine_unfinished(graph) == 4, 60, "four batch requests inside the engine")
-    threads.append(timed_request(graph, "calm", 48, finished, "interactive"))
+    finished: list[tuple[str, int]] = []
+    threads = [request_in_thread(graph, "batchy", 400, finished, "batch-long")]
+    poll(lambda: engine_unfinished(graph) == 1, 60, "the long batch request to run")
+    threads += [request_in_thread(graph, "batchy", 16, finished, f"batch-{i}") for i in range(3)]
+    poll(lambda: engine_unfinished(graph) == 4, 60, "three batch requests queued behind it")
+    threads.append(request_in_thread(graph, "calm", 16, finished, "interactive"))
     for thread in threads:
         thread.join()
-    print(f"finish order under priority scheduling: {finished}")  # noqa: T201
-    # First come, first served would finish it last; priority puts it right after the running one.
-    assert finished.index("interactive") <= 2, finished
+    order = [name for name, _ in finished]
+    print(f"finish order under priority scheduling: {order}")  # noqa: T201
+    assert {status for _, status in finished} == {200}, finished
+    assert engine_unfinished(graph) == 0
+    # First come, first served would finish it last; priority puts it before every queued batch request.
+    assert order[:2] == ["batch-long", "interactive"], order
 
 
 class Flood(BackgroundLoad):
