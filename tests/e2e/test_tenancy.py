@@ -76,7 +76,8 @@ def test_concurrency_limit_refuses_a_second_request_in_flight(graph):
     with httpx.Client(timeout=60) as client:
         with client.stream("POST", url(graph), json=body(400, stream=True), headers=headers("single")) as stream:
             assert stream.status_code == 200
-            next(stream.iter_lines())  # the first request is running
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)  # the first request is running
             second = client.post(url(graph), json=body(1), headers=headers("single"))
             assert second.status_code == 429 and "1 concurrent requests" in second.json()["error"]["message"]
         # the stream was cancelled: once the ingress notices, the slot is free again
