@@ -38,14 +38,25 @@ def running_replicas(graph, deployment: str) -> list[dict]:
     return [replica for replica in replicas if replica["state"] == "RUNNING"]
 
 
+def timed_post(graph, tenant: str, request_id: str | None = None) -> tuple[int, float]:
+    """One 1-token request on a new connection (the proxy spreads those over both ingress replicas)."""
+    started = time.monotonic()
+    response = httpx.post(url(graph), json=body(1), headers=headers(tenant, request_id), timeout=60)
+    return response.status_code, time.monotonic() - started
+
+
 def test_request_limit_holds_across_two_ingress_replicas(graph):
     assert len(running_replicas(graph, "ingress")) == 2 and len(running_replicas(graph, "router")) == 2
     prefix = f"metered-{uuid.uuid4().hex[:6]}"
-    statuses = []
-    for i in range(10):  # a new connection each: the proxy spreads them over both replicas
-        response = httpx.post(url(graph), json=body(1), headers=headers("metered", f"{prefix}-{i}"), timeout=60)
-        statuses.append(response.status_code)
+    unlimited = [timed_post(graph, "calm")[1] for _ in range(6)]
+    outcomes = [timed_post(graph, "metered", f"{prefix}-{i}") for i in range(10)]
+    statuses = [status for status, _ in outcomes]
     assert statuses == [200] * 6 + [429] * 4, statuses
+    limited = [seconds for _, seconds in outcomes[:6]]
+    print(  # noqa: T201
+        f"quota admission: 1-token request median {statistics.median(limited) * 1000:.1f} ms with limits, "
+        f"{statistics.median(unlimited) * 1000:.1f} ms without"
+    )
     client = openai.OpenAI(base_url=url(graph, ""), api_key=TENANT_KEYS["metered"], max_retries=0)
     with pytest.raises(openai.RateLimitError) as refused:
         client.completions.create(model="shared", prompt="Hi", max_tokens=1)
