@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from deployments.errors import OpenAIError
+from deployments.errors import AdminRequiredError, AuthenticationError, PermissionDeniedError
 from graphs.config import AuthConfig, PriorityClass, TenantLimits, TenantSpec
 
 BEARER = "bearer "
@@ -21,17 +21,6 @@ BEARER = "bearer "
 
 def hash_key(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-
-
-class AuthenticationError(OpenAIError):
-    status_code = 401
-    default_code = "invalid_api_key"
-
-
-class PermissionDeniedError(OpenAIError):
-    status_code = 403
-    error_type = "permission_error"
-    default_code = "model_not_allowed"
 
 
 @dataclass(frozen=True)
@@ -87,10 +76,6 @@ class TenantDirectory:
         if found is None:
             raise AuthenticationError("Incorrect API key provided.")
         return found
-
-
-class AdminRequiredError(PermissionDeniedError):
-    default_code = "admin_required"
 
 
 def require_admin(tenant: Tenant) -> Tenant:

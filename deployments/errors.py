@@ -54,6 +54,21 @@ class ContextLengthExceededError(BadRequestError):
     default_code = "context_length_exceeded"
 
 
+class AuthenticationError(OpenAIError):
+    status_code = 401
+    default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(OpenAIError):
+    status_code = 403
+    error_type = "permission_error"
+    default_code = "model_not_allowed"
+
+
+class AdminRequiredError(PermissionDeniedError):
+    default_code = "admin_required"
+
+
 class ModelNotFoundError(OpenAIError):
     status_code = 404
     default_code = "model_not_found"

@@ -25,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.auth import OPEN_TENANT, Tenant, TenantDirectory, model_not_allowed, require_admin
-from deployments.errors import ModelNotFoundError, OpenAIError, RequestTimeoutError, as_openai_error
+from deployments.errors import OpenAIError, RequestTimeoutError, as_openai_error
 from deployments.fallback import FallbackChain
 from deployments.messages import ModelRoute, PreparedRequest, TextChunk, merge_chunks
 from deployments.protocol import (
@@ -445,7 +445,7 @@ def build_openai_app(
     ) -> UsageReport:
         """Requests and tokens per model and day: the caller's own, or (admin key) every tenant's."""
         if usage_dir is None:
-            raise ModelNotFoundError("This application keeps no usage records.", code="not_found")
+            raise OpenAIError("This application keeps no usage records.", code="not_found", status_code=404)
         if of_tenant not in (None, tenant.name):
             require_admin(tenant)
         who = of_tenant or (None if tenant.admin else tenant.name)
@@ -507,4 +507,6 @@ class Ingress:
 
     def __del__(self) -> None:
         """Serve's graceful shutdown: the open usage segment becomes Parquet now."""
-        self._usage.close()
+        usage = getattr(self, "_usage", None)
+        if usage is not None:
+            usage.close()

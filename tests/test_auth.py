@@ -8,7 +8,8 @@ import sys
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.auth import AuthenticationError, TenantDirectory, hash_key
+from deployments.auth import TenantDirectory, hash_key
+from deployments.errors import AuthenticationError
 from deployments.ingress import build_openai_app
 from graphs.config import AuthConfig, TenantSpec
 from tests.test_ingress import InProcessStages, ScriptedEngine
