@@ -3,9 +3,10 @@
 Each ingress replica appends records to its own JSON-lines segment, one write per record,
 so a killed replica loses nothing the OS has (only a machine crash loses what was not yet
 written back to disk). A background thread turns segments into Parquet files once they are
-big or old enough, and at shutdown. A segment whose writer died is found by its released
-file lock and converted by the next replica to start. Readers take the Parquet files plus
-the segments not yet converted, so what is read is never stale.
+big or old enough, off the request path; shutdown converts the last one. A segment whose
+writer died is found by its released file lock and converted by the next replica to start.
+Readers take the Parquet files plus the segments not yet converted, so what is read is
+never stale.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ class UsageLog:
         self._lock = threading.Lock()
         self._segment: IO[str] | None = None
         self._opened_at = 0.0
-        self._closed = threading.Event()
+        self._closed = False
+        self._wake = threading.Event()
         recover_orphans(self.directory)
         self._rotator = threading.Thread(target=self._rotate_periodically, name="usage-rotation", daemon=True)
         self._rotator.start()
@@ -160,9 +162,8 @@ class UsageLog:
                 self._open_segment()
             self._segment.write(line)
             self._segment.flush()  # in the OS now: a killed process loses nothing
-            full = self._segment.tell() >= self._config.rotate_bytes
-        if full:
-            self.rotate()
+            if self._segment.tell() >= self._config.rotate_bytes:
+                self._wake.set()  # converting is the rotation thread's work, off the request path
 
     def rotate(self) -> None:
         """The open segment becomes a Parquet file; the next record starts a new segment."""
@@ -173,7 +174,8 @@ class UsageLog:
             segment.close()  # releases the lock only once converted
 
     def close(self) -> None:
-        self._closed.set()
+        self._closed = True
+        self._wake.set()
         self.rotate()
 
     def _open_segment(self) -> None:
@@ -183,11 +185,21 @@ class UsageLog:
         try_lock(self._segment)
         self._opened_at = time.monotonic()
 
+    def _due(self) -> bool:
+        with self._lock:
+            if self._segment is None:
+                return False
+            too_old = time.monotonic() - self._opened_at >= self._config.rotate_interval_s
+            return too_old or self._segment.tell() >= self._config.rotate_bytes
+
     def _rotate_periodically(self) -> None:
+        """Wakes every few seconds, or when a segment is full; also converts orphaned segments."""
         interval = min(self._config.rotate_interval_s, 5.0)
-        while not self._closed.wait(interval):
+        while not self._closed:
+            self._wake.wait(interval)
+            self._wake.clear()
             try:
-                if self._segment is not None and time.monotonic() - self._opened_at >= self._config.rotate_interval_s:
+                if not self._closed and self._due():
                     self.rotate()
                 recover_orphans(self.directory)
             except OSError:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import time
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -82,16 +85,31 @@ def usage_config(**changes) -> UsageConfig:
     return UsageConfig(**changes)
 
 
+def poll_until(check, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def segments(directory) -> list:
+    return list((directory / SEGMENTS).glob("*.jsonl"))
+
+
 def test_usage_log_rotates_by_size_and_reads_every_record_once(tmp_path):
     log = UsageLog(usage_config(rotate_bytes=1024), "w1", tmp_path)
-    for i in range(22):
+    for i in range(20):
         log.write(UsageRecord.of(record(f"r{i}", status=200 if i % 5 else 500)))
-    assert list(tmp_path.glob("usage-*.parquet")), "a segment past rotate_bytes became Parquet"
-    assert list((tmp_path / SEGMENTS).glob("*.jsonl")), "the rest is still in the open segment"
+    poll_until(lambda: list(tmp_path.glob("usage-*.parquet")), "a segment past rotate_bytes to become Parquet")
+    log.close()
+    tail = UsageLog(usage_config(), "w2", tmp_path)
+    for i in range(20, 22):
+        tail.write(UsageRecord.of(record(f"r{i}", status=200 if i % 5 else 500)))
+    assert segments(tmp_path), "the rest is still in the open segment"
     table = read_usage(tmp_path)
     assert sorted(table["request_id"].to_pylist()) == sorted(f"r{i}" for i in range(22))
-    log.close()
-    assert not list((tmp_path / SEGMENTS).glob("*.jsonl"))
+    tail.close()
+    assert not segments(tmp_path)
     assert read_usage(tmp_path).num_rows == 22
     (day,) = summarize(read_usage(tmp_path)).data
     assert (day.requests, day.succeeded, day.failed, day.prompt_tokens, day.total_tokens) == (22, 17, 5, 154, 220)
@@ -100,19 +118,16 @@ def test_usage_log_rotates_by_size_and_reads_every_record_once(tmp_path):
 def test_usage_log_rotates_by_age(tmp_path):
     log = UsageLog(usage_config(rotate_interval_s=0.2), "w1", tmp_path)
     log.write(UsageRecord.of(record("r1")))
-    deadline = datetime.now(UTC).timestamp() + 30
-    while not list(tmp_path.glob("usage-*.parquet")):
-        assert datetime.now(UTC).timestamp() < deadline, "the rotation thread never rotated"
-        log._closed.wait(0.05)
+    poll_until(lambda: list(tmp_path.glob("usage-*.parquet")), "the rotation thread to rotate an old segment")
     log.close()
     assert pq.read_table(next(tmp_path.glob("usage-*.parquet")))["request_id"].to_pylist() == ["r1"]
 
 
 def write_and_die(directory: str) -> None:
-    log = UsageLog(usage_config(), "dead", __import__("pathlib").Path(directory))
+    log = UsageLog(usage_config(), "dead", Path(directory))
     for i in range(3):
         log.write(UsageRecord.of(record(f"d{i}")))
-    __import__("os")._exit(0)  # no close(), no rotation: as a killed replica
+    os._exit(0)  # no close(), no rotation: as a killed replica
 
 
 def test_a_dead_writers_segment_is_recovered_not_lost(tmp_path):
