@@ -243,3 +243,17 @@ def test_usage_report_command(tmp_path, capsys):
     assert header.split()[:4] == ["day", "tenant", "model", "requests"]
     assert row.split()[1:4] == ["a", "tiny", "2"] and total.split()[:2] == ["total", "2"]
     log.close()
+
+
+def test_usage_query_errors_and_refused_bodies(tenant_client, tiny_spec, tiny_tokenizer):
+    client, _ = tenant_client
+    ops = {"Authorization": "Bearer sk-ops"}
+    bad_day = client.get("/v1/usage", params={"start": "yesterday"}, headers=ops)
+    assert bad_day.status_code == 400 and bad_day.json()["error"]["param"] == "query.start"
+    not_json = client.post("/v1/completions", content=b"{", headers={**ops, "Content-Type": "application/json"})
+    assert not_json.status_code == 400
+    refused = client.get("/v1/usage", headers=ops).json()["data"]
+    assert [(d["tenant"], d["failed"]) for d in refused] == [("-", 2)]  # both refused before a handler ran
+    stages = InProcessStages([tiny_spec], tiny_tokenizer, {"engine-tiny-v1": ScriptedEngine()})
+    without_records = TestClient(build_openai_app(stages)).get("/v1/usage")
+    assert without_records.status_code == 404 and without_records.json()["error"]["code"] == "not_found"
