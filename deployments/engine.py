@@ -12,7 +12,9 @@ from pathlib import Path
 
 from ray import serve
 
+from deployments.errors import BadRequestError, EngineCrashedError, EngineUnavailableError
 from deployments.messages import EngineRequest, TokenChunk
+from models import cpu_amx
 from models.build import resolve_model_source
 from models.engine_config import cpu_kv_cache_bytes, cpu_threads_bind, engine_kwargs, kv_cache_bytes
 from models.spec import ModelSpec
@@ -28,6 +30,7 @@ class EngineCounters:
     finished: int = 0
     aborted: int = 0
     generated_tokens: int = 0
+    crashed: int = 0
 
 
 def sampling_params(request: EngineRequest, stream_interval: int):
@@ -68,6 +71,7 @@ class Engine:
         # vLLM's logging setup (dictConfig at import) closes Serve's log handlers: the
         # replica would log nothing, request ids included, once vLLM is imported.
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+        os.environ[cpu_amx.MODE_ENV] = spec.cpu_amx  # read by the plugin in vLLM's engine processes
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -77,6 +81,7 @@ class Engine:
         on_cpu = current_platform.is_cpu()
         kwargs = engine_kwargs(spec, source, on_cpu)
         if on_cpu:
+            logger.info(cpu_amx.describe(spec.cpu_amx, cpu_amx.amx_tiles_supported()))
             kwargs.setdefault("kv_cache_memory_bytes", _cpu_kv_cache_budget(source, spec))
             if spec.num_workers > 1:
                 bind = cpu_threads_bind(spec.num_workers, sorted(os.sched_getaffinity(0)))
@@ -89,8 +94,12 @@ class Engine:
         self._counters = EngineCounters()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenChunk]:
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
 
+        if self._engine.errored:  # dead before this request: another replica may serve it
+            raise EngineUnavailableError("This engine replica has failed and is being replaced. Retry the request.")
         self._counters.started += 1
         started = time.perf_counter()
         outputs = self._engine.generate(
@@ -110,6 +119,15 @@ class Engine:
         except (asyncio.CancelledError, GeneratorExit):
             self._counters.aborted += 1
             raise
+        except EngineDeadError:
+            self._counters.crashed += 1
+            logger.error("engine died while serving request", extra={"engine_request_id": request.request_id})
+            raise EngineCrashedError(
+                f"The model's engine crashed while serving this request ({request.request_id}); it is being "
+                "restarted. The request was not retried, since it may have caused the crash."
+            ) from None
+        except VLLMClientError as exc:  # vLLM's own validation: the client's mistake, never the model's
+            raise BadRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
         finally:
             await outputs.aclose()  # aborts the vLLM request if it is still running
 

@@ -136,6 +136,16 @@ class InternalServerError(OpenAIError):
     error_type = "internal_server_error"
 
 
+class EngineCrashedError(InternalServerError):
+    """The engine process died while this request ran in it.
+
+    The request may be what killed it (a poison request), so it is never retried on another
+    replica or a fallback; the breaker still counts the failure and Serve replaces the replica.
+    """
+
+    default_code = "engine_crashed"
+
+
 def as_openai_error(exc: BaseException) -> OpenAIError:
     """The OpenAIError behind exc, unwrapping Ray's task error; anything else becomes a 500."""
     from ray.exceptions import RayActorError

@@ -10,6 +10,7 @@ from typing import Protocol, TypeVar
 
 from deployments.errors import (
     ContextLengthExceededError,
+    EngineCrashedError,
     EngineUnavailableError,
     ModelUnavailableError,
     OpenAIError,
@@ -85,9 +86,11 @@ def moves_on(error: OpenAIError) -> bool:
     """Whether the next target of the chain should get the request.
 
     Overload, a cold start past its bound, a broken target and a prompt longer than this
-    target's context do; client errors, timeouts (the time is spent) and the tenant's own
-    429 never do.
+    target's context do; client errors, timeouts (the time is spent), the tenant's own 429
+    and a request that was running when its engine crashed (it may be the cause) never do.
     """
+    if isinstance(error, EngineCrashedError):
+        return False
     return isinstance(error, ServiceUnavailableError | ContextLengthExceededError) or is_target_failure(error)
 
 

@@ -53,7 +53,7 @@ class Deadline:
             return await awaitable
         try:
             return await asyncio.wait_for(awaitable, max(self._at - self._loop.time(), 0))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise self._on_expiry() from None
 
     async def iterate(self, chunks: AsyncIterator[T]) -> AsyncIterator[T]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -58,9 +59,33 @@ def haproxy_env(isolated: bool = False) -> dict[str, str]:
 
 
 def free_port() -> int:
+    """A free loopback port from the kernel's ephemeral range, for a server that binds it right away."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+RAY_WORKER_PORTS_END = 19999  # Ray's default max_worker_port
+
+
+def lasting_free_port() -> int:
+    """A free loopback port for a server that binds it long after it is chosen.
+
+    It lies between Ray's worker ports and the kernel's ephemeral range, where nothing
+    takes a port unasked: a port from free_port() can be handed to some process's outgoing
+    connection or `bind(0)` minutes later.
+    """
+    ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(RAY_WORKER_PORTS_END + 1, ephemeral_start))
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between {RAY_WORKER_PORTS_END + 1} and {ephemeral_start}")
 
 
 def wait_for(check: Callable[[], T | None], timeout_s: float, what: str, interval_s: float = 0.2) -> T:

@@ -121,6 +121,7 @@ class UpstreamSpec(StrictModel):
 
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+CpuAmxMode = Literal["auto", "off", "vllm"]
 
 
 class ModelSpec(StrictModel):
@@ -173,6 +174,11 @@ class ModelSpec(StrictModel):
         description="Models or upstreams to try, in order, when this one is overloaded, failing or too short.",
     )
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    cpu_amx: CpuAmxMode = Field(
+        "auto",
+        description="CPU engines on AMX CPUs: auto requests AMX tile permission in each vLLM process, "
+        "off disables vLLM's AMX kernels, vllm leaves vLLM as it is (see models/cpu_amx.py).",
+    )
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed through to vLLM as is.")
 
     @model_validator(mode="after")

@@ -5,6 +5,8 @@ End-to-end fixtures (a real Ray cluster running graphs/local.yaml) live in tests
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,27 @@ from models.build import ensure_local_model
 from models.spec import LocalBuildRecipe, ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
+EXIT_STATUS = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave with the tests' own verdict, skipping the interpreter's teardown.
+
+    vLLM's import loads native extensions (triton's nanobind objects among them) whose
+    teardown at interpreter exit has segfaulted after every test had passed, which failed
+    `make test` whatever the tests did. By now the e2e fixture has stopped Ray and every
+    engine, and the report is written: nothing of ours is left to tear down.
+    """
+    if EXIT_STATUS in config.stash:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(config.stash[EXIT_STATUS])
 
 
 @pytest.fixture(scope="session")

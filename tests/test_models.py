@@ -71,3 +71,34 @@ def test_kv_cache_budget_arithmetic(tiny_spec):
     assert need == 2 * 2 * 2 * 64 * 2 * tiny_spec.max_model_len * tiny_spec.max_num_seqs
     assert cpu_kv_cache_bytes(need) == 64 * 2**20  # the floor
     assert cpu_kv_cache_bytes(3 * 2**30) == 6 * 2**30
+
+
+def test_cpu_amx_plugin_is_registered_with_vllm():
+    from importlib.metadata import entry_points
+
+    from models import cpu_amx
+
+    plugins = {ep.name: ep for ep in entry_points(group="vllm.general_plugins")}
+    assert plugins["servegraph_cpu_amx"].load() is cpu_amx.prepare_process
+
+
+def test_cpu_amx_modes(monkeypatch):
+    import torch
+
+    from models import cpu_amx
+
+    monkeypatch.setenv(cpu_amx.MODE_ENV, "sometimes")
+    with pytest.raises(ValueError, match="auto, off, vllm"):
+        cpu_amx.mode_from_env()
+    monkeypatch.delenv(cpu_amx.MODE_ENV)
+    assert cpu_amx.mode_from_env() == "auto"
+    assert "no AMX tiles" in cpu_amx.describe("auto", has_amx=False)
+    assert "requests AMX tile permission" in cpu_amx.describe("auto", has_amx=True)
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    cpu_amx.apply("vllm")
+    assert torch.cpu._is_amx_tile_supported()
+    cpu_amx.apply("off")  # what vLLM's kernel choice then sees
+    assert not torch.cpu._is_amx_tile_supported()
+    with pytest.raises(ValidationError):
+        ModelSpec(name="m", build=LocalBuildRecipe(), cpu_amx="on")

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from autoscale.policy import StageKind, engine_scaling, replicas_for_load, stage_autoscaling
-from deployments.errors import RateLimitError
+from deployments.errors import EngineCrashedError, RateLimitError
 from deployments.fallback import BreakerState, CircuitBreaker, FallbackChain
 from deployments.ingress import SERVED_BY_HEADER, build_openai_app
 from deployments.protocol import ChatCompletionRequest
@@ -90,6 +90,20 @@ def test_tenant_rate_limit_never_falls_back(two_models, tiny_tokenizer):
     response = chain_client(two_models, tiny_tokenizer, engines).post("/v1/completions", json=BODY)
     assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limit_exceeded"
     assert roomy.calls == 0
+
+
+def test_request_running_when_its_engine_crashed_is_not_retried_but_counts_on_the_breaker(two_models, tiny_tokenizer):
+    crash = EngineCrashedError("The model's engine crashed while serving this request (r-1).")
+    tiny = CountingEngine(fail_after=0, error=crash)
+    roomy = CountingEngine()
+    client = chain_client(two_models, tiny_tokenizer, {"engine-tiny-v1": tiny, "engine-roomy-v1": roomy})
+    for stream in (False, True):  # a stream that has sent nothing yet gets a plain error response too
+        response = client.post("/v1/completions", json={**BODY, "stream": stream})
+        assert response.status_code == 500, response.text
+        assert response.json()["error"]["code"] == "engine_crashed" and "r-1" in response.json()["error"]["message"]
+    assert tiny.calls == 2 and roomy.calls == 0  # no second replica, no fallback model
+    served = client.post("/v1/completions", json=BODY).headers[SERVED_BY_HEADER]
+    assert served == "roomy@v1"  # two failures opened tiny's breaker, as for any other failure
 
 
 def test_breaker_opens_skips_the_model_then_probes_and_closes(two_models, tiny_tokenizer):

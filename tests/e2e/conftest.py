@@ -13,7 +13,7 @@ import pytest
 
 from deployments.auth import hash_key
 from graphs.config import USAGE_DIR_ENV
-from graphs.local_cluster import LocalServeCluster, free_port, load_config, wait_for
+from graphs.local_cluster import LocalServeCluster, lasting_free_port, load_config, wait_for
 
 poll = wait_for
 
@@ -62,11 +62,12 @@ class Graph:
 
 
 # A second LLM application beside the default graph, with API keys, on two ingress replicas:
-# - `strict` has a one-request queue and a short deadline, so overload and timeouts can be
-#   provoked without slowing the default models;
+# - `strict` has a one-request queue and a deadline, so overload and timeouts can be provoked
+#   without slowing the default models;
 # - `shared` runs one sequence at a time but holds eight in vLLM's queue, where priorities act.
 # Tenants: `alpha` (admin, key hash in the config) may use every model, `beta` (keys from the
 # environment) none; the others each show one limit or priority class.
+STRICT_DEADLINE_S = 8
 ALPHA_KEY, BETA_KEY = "sk-test-alpha-5f1c", "sk-test-beta-9d2e"
 TENANT_ENV = {"SERVEGRAPH_TEST_BETA_KEYS": f"sk-unused,{BETA_KEY}"}
 TENANT_KEYS = {
@@ -96,8 +97,11 @@ LIMITS_APPS = [
         "args": {
             "accelerator": "cpu",
             "models": [
-                {"name": "strict", "build": {"seed": 0}, "max_model_len": 2048, "max_num_seqs": 1,
-                 "max_queued_requests": 1, "request_timeout_s": 3, "default_max_tokens": 64},
+                # An 8 s deadline that a normal request never nears on a busy machine, and a context
+                # long enough (8,000 tokens take well over 8 s on any CPU) to provoke a 504 for sure.
+                {"name": "strict", "build": {"seed": 0, "max_position_embeddings": 8192}, "max_model_len": 8192,
+                 "max_num_seqs": 1, "max_queued_requests": 1, "request_timeout_s": STRICT_DEADLINE_S,
+                 "default_max_tokens": 64},
                 {"name": "shared", "build": {"seed": 0}, "max_model_len": 512, "max_num_seqs": 1,
                  "max_ongoing_requests": 8, "max_queued_requests": 16, "default_max_tokens": 64},
             ],
@@ -166,7 +170,7 @@ def graph(tmp_path_factory) -> Iterator[Graph]:
     usage_dir = tmp_path_factory.mktemp("usage")
     os.environ[USAGE_DIR_ENV] = str(usage_dir)
     work_dir = tmp_path_factory.mktemp("graph")
-    upstream_port = free_port()
+    upstream_port = lasting_free_port()  # bound by the upstream tests, many minutes later
     config = load_config()
     apps = config["applications"] + LIMITS_APPS + [resilience_app(upstream_port)]
     # Logical CPUs only: the replicas share the machine's real cores either way.

@@ -31,8 +31,9 @@ def upstream_server(graph) -> BareVllmTarget:
     return BareVllmTarget(spec, ensure_local_model(spec.build, default_cache_dir()), port=graph.upstream_port)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def upstream(graph) -> Iterator[BareVllmTarget]:
+    """A server of the test's own: no test depends on what another did to its upstream."""
     server = upstream_server(graph)
     server.__enter__()
     yield server
