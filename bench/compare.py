@@ -17,6 +17,8 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,35 +63,24 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = local_model_dir(spec)
     work_dir = Path(tempfile.mkdtemp(prefix="servegraph-bench-"))
 
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    latency: dict[str, dict[str, float]] = {}
-    runs, total = 0, len(targets) * len(points)
-    for target in targets:
-        with target as base_url:
-            for point in points:
-                runs += 1
-                print(f"[{runs}/{total}] {target.name} {point.label}", file=sys.stderr, flush=True)
-                run_dir = work_dir / target.name
-                run_dir.mkdir(exist_ok=True)
-                results.setdefault(target.name, {})[point.label] = workload.run(
-                    base_url, target.model, tokenizer, point, run_dir
-                )
-            if not args.no_hops:
-                latency[target.name] = target.details(base_url)
-
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / f"bench-{stamp}.json", args.out / f"bench-{stamp}.png"
-    report = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "results": results,
-        "ratios": ratios(results) if OURS in results else {},
-        "one_token_latency_ms": latency,
-    }
-    json_path.write_text(json.dumps(report, indent=2))
+
+    def measure(target: Any, base_url: str, point: LoadPoint) -> dict[str, Any]:
+        run_dir = work_dir / target.name
+        run_dir.mkdir(exist_ok=True)
+        return workload.run(base_url, target.model, tokenizer, point, run_dir)
+
+    figures = Figures()
+    # The report is written after every target: a later crash keeps the figures so far.
+    run_targets(targets, points, measure, not args.no_hops, figures, lambda: write_report(json_path, args, figures))
+    results, latency, failures = figures.results, figures.latency, figures.failures
+
     x_label = "request rate (req/s)" if args.request_rate else "concurrent streams"
     title = f"{spec.name}: {args.input_len} prompt / {args.output_len} output tokens (+-{args.range_ratio:.0%})"
-    plot(results, {p.label: p.x for p in points}, x_label, title, png_path)
+    if results:
+        plot(results, {p.label: p.x for p in points}, x_label, title, png_path)
 
     print(f"\n{title}, {args.num_prompts} requests per point; times in ms")
     print(table(results))
@@ -97,10 +88,62 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + ratio_table(results))
     if latency:
         print("\nSequential one-token requests, median ms (graph hops call each stage's handle directly):")
-        for name, figures in latency.items():
-            print(f"  {name}: " + ", ".join(f"{key} {value:.1f}" for key, value in figures.items()))
-    print(f"\nwrote {json_path} and {png_path}")
-    return 0
+        for name, timings in latency.items():
+            print(f"  {name}: " + ", ".join(f"{key} {value:.1f}" for key, value in timings.items()))
+    for name, failure in failures.items():
+        print(f"\n{name} FAILED: {failure}")
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if results else ""))
+    return 1 if failures else 0
+
+
+@dataclass
+class Figures:
+    """Everything one benchmark run measured: per target and load point, latencies, and what failed."""
+
+    results: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def run_targets(
+    targets: list[Any],
+    points: list[LoadPoint],
+    measure: Callable[[Any, str, LoadPoint], dict[str, Any]],
+    hops: bool,
+    figures: Figures,
+    after_each: Callable[[], None] = lambda: None,
+) -> None:
+    """Start each target alone, measure every load point (and its one-token latencies), stop it.
+
+    A target that fails to start or to run costs only its own figures; after_each runs once
+    per target, failed or not.
+    """
+    runs, total = 0, len(targets) * len(points)
+    for target in targets:
+        try:
+            with target as base_url:
+                for point in points:
+                    runs += 1
+                    print(f"[{runs}/{total}] {target.name} {point.label}", file=sys.stderr, flush=True)
+                    figures.results.setdefault(target.name, {})[point.label] = measure(target, base_url, point)
+                if hops:
+                    print(f"{target.name}: one-token latencies", file=sys.stderr, flush=True)
+                    figures.latency[target.name] = target.details(base_url)
+        except Exception as exc:
+            figures.failures[target.name] = f"{type(exc).__name__}: {exc}"
+            print(f"{target.name} failed: {figures.failures[target.name]}", file=sys.stderr, flush=True)
+        after_each()
+
+
+def write_report(path: Path, args: argparse.Namespace, figures: Figures) -> None:
+    report = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "results": figures.results,
+        "ratios": ratios(figures.results) if OURS in figures.results else {},
+        "one_token_latency_ms": figures.latency,
+        "failures": figures.failures,
+    }
+    path.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

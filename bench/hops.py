@@ -36,7 +36,7 @@ async def _measure(base_url: str, model: str, app: str, repeats: int) -> dict[st
 
     router, tokenizer, postprocess = handle("router"), handle("tokenizer"), handle("postprocess")
     request = CompletionRequest(model=model, prompt="Hello there", max_tokens=1, temperature=0)
-    route = await router.resolve.remote(model)
+    route = (await router.registry.remote()).resolve(model)  # as the ingress does: the registry's copy
     prepared = await tokenizer.prepare.remote(route, request, "hops")
     engine = handle(route.engine).options(stream=True)
     request_ids = (f"hops-{i}" for i in itertools.count())
@@ -77,5 +77,8 @@ def one_token_http_ms(base_url: str, model: str, repeats: int = 100) -> float:
 
 
 def hop_latencies(base_url: str, model: str, app: str = "llm", repeats: int = 100) -> dict[str, float]:
-    """One-token requests, sequential: what each hop adds when nothing else is running."""
+    """One-token requests, sequential: what each hop adds when nothing else is running.
+
+    The caller must be a driver of the graph's Ray cluster; the route is the graph's root.
+    """
     return asyncio.run(_measure(base_url, model, app, repeats))

@@ -121,7 +121,11 @@ class Engine:
             raise
         except EngineDeadError:
             self._counters.crashed += 1
-            logger.error("engine died while serving request", extra={"engine_request_id": request.request_id})
+            logger.error(
+                "engine died while serving request %s",
+                request.request_id,
+                extra={"engine_request_id": request.request_id},
+            )
             raise EngineCrashedError(
                 f"The model's engine crashed while serving this request ({request.request_id}); it is being "
                 "restarted. The request was not retried, since it may have caused the crash."

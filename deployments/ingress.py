@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -25,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.auth import OPEN_TENANT, Tenant, TenantDirectory, model_not_allowed, require_admin
-from deployments.errors import OpenAIError, RequestTimeoutError, as_openai_error
+from deployments.errors import BadRequestError, ModelNotFoundError, OpenAIError, RequestTimeoutError, as_openai_error
 from deployments.fallback import FallbackChain
 from deployments.messages import ModelRoute, PreparedRequest, TextChunk, merge_chunks
 from deployments.protocol import (
@@ -39,6 +39,7 @@ from deployments.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    ModelCard,
     ModelList,
     Usage,
     new_id,
@@ -68,6 +69,7 @@ class GraphStages(Protocol):
     async def complete(self, prepared: PreparedRequest) -> TextChunk: ...
     def stream_upstream(self, upstream: UpstreamSpec, request: OpenAIRequest) -> AsyncIterator[TextChunk]: ...
     async def model_list(self) -> ModelList: ...
+    async def tokenizer_call(self, method: str, route: ModelRoute, body: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class HandleStages:
@@ -123,6 +125,10 @@ class HandleStages:
     async def model_list(self) -> ModelList:
         return (await self.registry()).model_list()
 
+    async def tokenizer_call(self, method: str, route: ModelRoute, body: dict[str, Any]) -> dict[str, Any]:
+        """The tokenizer stage's `tokenize` or `detokenize` for one model version."""
+        return await getattr(self._tokenizer, method).remote(route, body)
+
 
 def error_response(error: OpenAIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
@@ -171,6 +177,17 @@ def install_error_handlers(app: FastAPI, on_rejected: Callable[[Request, OpenAIE
         if error.status_code >= 500:
             logger.exception("request failed", exc_info=exc)
         return error_response(error)
+
+
+async def json_object(http_request: Request) -> dict[str, Any]:
+    """The request body as a JSON object; 400 for anything else."""
+    try:
+        body = json.loads(await http_request.body())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequestError("The request body must be a JSON object.")
+    return body
 
 
 def sse(payload: str) -> str:
@@ -435,6 +452,36 @@ def build_openai_app(
     async def models(tenant: Tenant = Depends(tenant_of)) -> ModelList:
         listed = await stages.model_list()
         return ModelList(data=[card for card in listed.data if tenant.allows(card.root)])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, tenant: Tenant = Depends(tenant_of)) -> ModelCard:
+        visible = [card for card in (await stages.model_list()).data if tenant.allows(card.root)]
+        card = next((card for card in visible if card.id == model_id), None)
+        if card is None:
+            names = ", ".join(sorted(card.id for card in visible))
+            raise ModelNotFoundError(f"The model `{model_id}` does not exist. Available models: {names}.")
+        return card
+
+    async def tokenizer_call(method: str, http_request: Request, tenant: Tenant) -> JSONResponse:
+        """vLLM's /tokenize and /detokenize: the body is validated by vLLM's own models in the tokenizer stage."""
+        body = await json_object(http_request)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequestError("`model` is required: this server serves several models.", param="model")
+        primary = (await stages.chain(model, None))[0]
+        if not tenant.allows(primary.model):
+            raise model_not_allowed(tenant, model)
+        if not isinstance(primary.target, ModelRoute):
+            raise BadRequestError(f"`{model}` is an external upstream: it has no tokenizer here.", param="model")
+        return JSONResponse(await stages.tokenizer_call(method, primary.target, body))
+
+    @app.post("/tokenize", response_model=None)
+    async def tokenize(http_request: Request, tenant: Tenant = Depends(tenant_of)) -> JSONResponse:
+        return await tokenizer_call("tokenize", http_request, tenant)
+
+    @app.post("/detokenize", response_model=None)
+    async def detokenize(http_request: Request, tenant: Tenant = Depends(tenant_of)) -> JSONResponse:
+        return await tokenizer_call("detokenize", http_request, tenant)
 
     @app.get("/v1/usage")
     async def usage(

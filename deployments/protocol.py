@@ -34,7 +34,7 @@ class SamplingRequest(WireModel):
     n: Literal[1] = Field(1, description="Only n=1 is served.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="A 64-bit integer, as vLLM takes.")
     user: str | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence.")
     top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or 0 disables it.")

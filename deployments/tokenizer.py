@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from pydantic import ValidationError
 from ray import serve
 
 from deployments.errors import BadRequestError, ContextLengthExceededError
@@ -47,6 +49,10 @@ class PromptTokenizer:
             prompt_ids, param = self._encode_completion(request), "prompt"
             requested, default = request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS
         prompt_ids, max_tokens, truncated = self.fit_context(prompt_ids, requested, default, param)
+        if (request.min_tokens or 0) > max_tokens:  # vLLM refuses it too, but as the engine's failure
+            raise BadRequestError(
+                f"min_tokens={request.min_tokens} must be at most max_tokens={max_tokens}.", param="min_tokens"
+            )
         sampling = SamplingSettings(
             max_tokens=max_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -106,18 +112,84 @@ class PromptTokenizer:
     def _encode_completion(self, request: CompletionRequest) -> list[int]:
         if isinstance(request.prompt, str):
             return self.tokenizer.encode(request.prompt, add_special_tokens=True)
-        bad = [i for i in request.prompt if not 0 <= i < self._vocab_size]
+        return self._known_token_ids(request.prompt, "prompt")
+
+    def _known_token_ids(self, token_ids: list[int], param: str) -> list[int]:
+        bad = [i for i in token_ids if not 0 <= i < self._vocab_size]
         if bad:
-            raise BadRequestError(f"prompt token ids must be in [0, {self._vocab_size}); got {bad[:5]}", param="prompt")
-        return list(request.prompt)
+            raise BadRequestError(f"{param} token ids must be in [0, {self._vocab_size}); got {bad[:5]}", param=param)
+        return list(token_ids)
 
     def _encode_chat(self, request: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        return self._render_chat(messages, add_generation_prompt=True)
+
+    def _render_chat(
+        self, messages: list[dict[str, Any]], add_special_tokens: bool = False, **template_kwargs: Any
+    ) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
         except Exception as exc:  # template errors are the client's (e.g. roles the template refuses)
             raise BadRequestError(f"The chat template rejected these messages: {exc}", param="messages") from exc
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's POST /tokenize: a prompt, or chat messages through the chat template."""
+        from vllm.entrypoints.serve.tokenize.protocol import (
+            TokenizeChatRequest,
+            TokenizeCompletionRequest,
+            TokenizeResponse,
+        )
+
+        if "messages" in body:
+            chat = parse_vllm(TokenizeChatRequest, body)
+            kwargs = {**(chat.chat_template_kwargs or {}), "add_generation_prompt": chat.add_generation_prompt,
+                      "continue_final_message": chat.continue_final_message}  # fmt: skip
+            if chat.tools:
+                kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in chat.tools]
+            if chat.chat_template:
+                kwargs["chat_template"] = chat.chat_template
+            messages = [{**message, "content": message_text(message.get("content"))} for message in chat.messages]
+            token_ids = self._render_chat(messages, chat.add_special_tokens, **kwargs)
+            wants_strings = chat.return_token_strs
+        else:
+            completion = parse_vllm(TokenizeCompletionRequest, body)
+            token_ids = self.tokenizer.encode(completion.prompt, add_special_tokens=completion.add_special_tokens)
+            wants_strings = completion.return_token_strs
+        strings = self.tokenizer.convert_ids_to_tokens(token_ids) if wants_strings else None
+        response = TokenizeResponse(
+            count=len(token_ids), max_model_len=self.spec.max_model_len, tokens=token_ids, token_strs=strings
+        )
+        return response.model_dump()
+
+    def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's POST /detokenize: token ids back to text."""
+        from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, DetokenizeResponse
+
+        request = parse_vllm(DetokenizeRequest, body)
+        token_ids = self._known_token_ids(request.tokens, "tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(token_ids)).model_dump()
+
+
+def message_text(content: Any) -> Any:
+    """A chat message's content as the template sees it: text parts joined, anything else as sent."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content
+
+
+def parse_vllm(model: type, body: dict[str, Any]):
+    """body as one of vLLM's protocol models; what it refuses is a 400 naming the field."""
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first.get("loc", ())) or None
+        raise BadRequestError(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+    except VLLMValidationError as exc:
+        raise BadRequestError(str(exc), param=exc.parameter) from None
 
 
 @serve.deployment(name="tokenizer", ray_actor_options={"num_cpus": 0.25})
@@ -138,3 +210,9 @@ class Tokenizer:
         priority: int = 0,
     ) -> PreparedRequest:
         return self._by_engine[route.engine].prepare(route, request, request_id, priority)
+
+    async def tokenize(self, route: ModelRoute, body: dict[str, Any]) -> dict[str, Any]:
+        return self._by_engine[route.engine].tokenize(body)
+
+    async def detokenize(self, route: ModelRoute, body: dict[str, Any]) -> dict[str, Any]:
+        return self._by_engine[route.engine].detokenize(body)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import load_points, parse_args
+from bench.compare import Figures, load_points, parse_args, run_targets
 from bench.report import plot, ratio_table, ratios, table
 from bench.workload import LoadPoint, Workload
 
@@ -60,3 +60,31 @@ def test_vllm_bench_command_carries_the_load_and_length_distribution(point, expe
     joined = " ".join(command)
     assert " ".join(expected) in joined
     assert "--random-range-ratio 0.5" in joined and "--backend openai-chat" in joined
+
+
+class FakeTarget:
+    """A target that starts (or refuses to) without a server: the loop around targets is pure logic."""
+
+    def __init__(self, name: str, starts: bool = True) -> None:
+        self.name, self.model, self._starts = name, "tiny", starts
+
+    def __enter__(self) -> str:
+        if not self._starts:
+            raise RuntimeError("Ray's head did not start")
+        return f"http://{self.name}"
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def details(self, base_url: str) -> dict[str, float]:
+        return {"http ms": 1.0}
+
+
+def test_a_target_that_fails_to_start_costs_only_its_own_figures():
+    figures, reports = Figures(), []
+    targets = [FakeTarget("servegraph"), FakeTarget("ray-llm", starts=False), FakeTarget("vllm")]
+    points = [LoadPoint(concurrency=8), LoadPoint(concurrency=32)]
+    run_targets(targets, points, lambda t, url, p: summary(100, 10), True, figures, lambda: reports.append(1))
+    assert set(figures.results) == {"servegraph", "vllm"} and set(figures.results["vllm"]) == {"c=8", "c=32"}
+    assert figures.failures == {"ray-llm": "RuntimeError: Ray's head did not start"}
+    assert set(figures.latency) == {"servegraph", "vllm"} and len(reports) == 3

@@ -66,6 +66,9 @@ class InProcessStages:
     async def model_list(self):
         return self.registry.model_list()
 
+    async def tokenizer_call(self, method, route, body):
+        return getattr(self._prompts[route.engine], method)(body)
+
 
 @pytest.fixture
 def records() -> list[RequestRecord]:
@@ -221,3 +224,51 @@ def test_stream_over_the_model_timeout_ends_with_a_timeout_event(make_client):
     assert response.status_code == 200 and payloads[-1] == "[DONE]"
     assert json.loads(payloads[-2])["error"]["code"] == "timeout"
     assert 1 <= len(payloads) - 2 < 20  # some text, then the deadline
+
+
+def test_models_retrieve_one_by_name_or_alias(make_client):
+    client = make_client()
+    assert client.get("/v1/models/tiny-chat").json() | {"created": 0} == {
+        "id": "tiny-chat", "object": "model", "created": 0, "owned_by": "servegraph", "root": "tiny",
+        "max_model_len": 64, "versions": ["v1"],
+    }  # fmt: skip
+    missing = client.get("/v1/models/gpt-4o")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert "tiny, tiny-chat" in missing.json()["error"]["message"]
+
+
+def test_tokenize_and_detokenize_in_vllms_shape(make_client, tiny_tokenizer):
+    client = make_client()
+    ids = tiny_tokenizer.encode("hello world")
+    tokenized = client.post("/tokenize", json={"model": "tiny", "prompt": "hello world", "return_token_strs": True})
+    assert tokenized.json() == {"count": len(ids), "max_model_len": 64, "tokens": ids,
+                                "token_strs": tiny_tokenizer.convert_ids_to_tokens(ids)}  # fmt: skip
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    chat = client.post("/tokenize", json={"model": "tiny", "messages": messages}).json()
+    rendered = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert chat["tokens"] == tiny_tokenizer.encode(rendered, add_special_tokens=False) and chat["token_strs"] is None
+    detokenized = client.post("/detokenize", json={"model": "tiny", "tokens": ids})
+    assert detokenized.json() == {"prompt": "hello world"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/tokenize", {"prompt": "hi"}, 400, "model"),
+        ("/tokenize", {"model": "nope", "prompt": "hi"}, 404, "model"),
+        ("/tokenize", {"model": "tiny", "prompt": 5}, 400, "prompt"),
+        ("/tokenize", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                       "add_generation_prompt": True, "continue_final_message": True}, 400, None),
+        ("/detokenize", {"model": "tiny", "tokens": [1, 10**6]}, 400, "tokens"),
+        ("/detokenize", {"model": "tiny", "tokens": "abc"}, 400, "tokens"),
+        ("/detokenize", ["not", "an", "object"], 400, None),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2, "seed": 2**70}, 400, "seed"),
+    ],
+)  # fmt: skip
+def test_refused_tokenizer_and_sampling_input_names_the_parameter(make_client, path, body, status, param):
+    response = make_client().post(path, json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param, response.json()

@@ -9,14 +9,16 @@ def test_benchmark_sweeps_the_graph_and_writes_json_and_png(graph, tmp_path):
     command = [
         sys.executable, "-m", "bench.compare", "--targets", "", "--url", graph.base_url, "--served-model", "tiny",
         "--concurrency", "1,4", "--num-prompts", "8", "--input-len", "32", "--output-len", "16",
-        "--range-ratio", "0.5", "--no-hops", "--out", str(tmp_path),
+        "--range-ratio", "0.5", "--out", str(tmp_path),
     ]  # fmt: skip
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
     (json_path,) = tmp_path.glob("bench-*.json")
     (png_path,) = tmp_path.glob("bench-*.png")
-    results = json.loads(json_path.read_text())["results"]["endpoint"]
+    report = json.loads(json_path.read_text())
+    assert report["failures"] == {} and report["one_token_latency_ms"]["endpoint"]["http ms"] > 0
+    results = report["results"]["endpoint"]
     assert {point: (r["completed"], r["failed"]) for point, r in results.items()} == {"c=1": (8, 0), "c=4": (8, 0)}
     assert all(r["output_throughput"] > 0 and r["median_ttft_ms"] > 0 for r in results.values())
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -33,3 +35,12 @@ def test_vllm_bench_serve_runs_unchanged_against_the_graph(graph, tmp_path):
     workload = Workload(input_len=32, output_len=16, num_prompts=8, endpoint="/v1/chat/completions")
     result = workload.run(graph.base_url, "tiny", tokenizer_dir, LoadPoint(concurrency=4), tmp_path)
     assert (result["completed"], result["failed"], result["total_output_tokens"]) == (8, 0, 8 * 16)
+
+
+def test_hop_latencies_call_every_stage_of_the_running_graph(graph):
+    """What `make bench` measures after its load points on the servegraph target (this process drives the cluster)."""
+    from bench.hops import hop_latencies
+
+    figures = hop_latencies(graph.base_url, "tiny", app="llm", repeats=3)
+    assert {"tokenizer ms", "engine ms", "postprocess+engine ms", "http ms"} <= set(figures)
+    assert all(figures[name] > 0 for name in ("tokenizer ms", "engine ms", "postprocess+engine ms", "http ms"))

@@ -150,7 +150,10 @@ BAD_REQUESTS = {
     "n above one": ({"model": "tiny", "prompt": "hi", "n": 2}, 400, "n"),
     "unknown model": ({"model": "gpt-9", "prompt": "hi"}, 404, "model"),
     "prompt over limit": ({"model": "tiny", "prompt": "word " * 600, "max_tokens": 5}, 400, "prompt"),
-}
+    "min_tokens over max_tokens": ({"model": "tiny", "prompt": "hi", "max_tokens": 2, "min_tokens": 3}, 400,
+                                   "min_tokens"),
+    "seed beyond 64 bits": ({"model": "tiny", "prompt": "hi", "max_tokens": 2, "seed": 2**64}, 400, "seed"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)
@@ -213,3 +216,36 @@ def test_client_disconnect_aborts_engine_request(graph):
     after = poll(aborted, 30, "the engine to abort the disconnected request")
     assert after["generated_tokens"] - before["generated_tokens"] < max_tokens
     assert after["finished"] == before["finished"]
+
+
+def test_models_retrieve(client):
+    card = client.models.retrieve("small-latest")
+    assert (card.id, card.owned_by, card.root) == ("small-latest", "servegraph", "small")
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tokenize_and_detokenize_round_trip(graph, tokenizers, model):
+    text = "Tokens are counted the way the engine counts them: héllo ✓"
+    tokenized = httpx.post(f"{graph.base_url}/tokenize", json={"model": model, "prompt": text}, timeout=30).json()
+    ids = tokenizers[model].encode(text)
+    assert tokenized == {"count": len(ids), "max_model_len": graph.model_spec(model)["max_model_len"],
+                         "tokens": ids, "token_strs": None}  # fmt: skip
+    detokenized = httpx.post(f"{graph.base_url}/detokenize", json={"model": model, "tokens": ids}, timeout=30)
+    assert detokenized.json() == {"prompt": tokenizers[model].decode(ids)}
+    messages = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(f"{graph.base_url}/tokenize", json={"model": model, "messages": messages}, timeout=30).json()
+    served = openai.OpenAI(base_url=graph.openai_base_url, api_key="unused").chat.completions.create(
+        model=model, messages=messages, max_tokens=1
+    )
+    assert chat["count"] == served.usage.prompt_tokens
+
+
+def test_client_errors_never_open_the_circuit_breaker(graph):
+    """`canary` opens its breaker after 5 failures and falls back to `ext`; bad requests are not failures."""
+    url = f"{graph.base_url}/resilience/v1/completions"
+    bad = {"model": "canary", "prompt": "hi", "max_tokens": 2, "min_tokens": 5}
+    assert [httpx.post(url, json=bad, timeout=30).status_code for _ in range(8)] == [400] * 8
+    served = httpx.post(url, json={"model": "canary", "prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert served.status_code == 200 and served.headers["x-servegraph-served-by"].startswith("canary@"), served.text

@@ -16,7 +16,8 @@ SHORT_PROMPTS = [[300], [100, 200], [100, 200, 300], [100, 200, 300, 400]]
 SHORTEST_CHAT = [{"role": "user", "content": ""}]
 
 # (application route prefix, API key, model): the models of the shared test graph that do not scale to
-# zero (`elastic`'s cold request in test_autoscaling is a one-token prompt; `sleepy` never finishes starting).
+# zero. `elastic`'s cold request in test_autoscaling is a one-token prompt; `sleepy` is never given
+# the time to start.
 MODELS = [
     ("", "unused", "tiny"),
     ("", "unused", "small"),
