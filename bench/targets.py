@@ -148,7 +148,11 @@ class BareVllmTarget(HttpLatency):
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
         self._process = subprocess.Popen(self.command(), env=env, start_new_session=True, stdout=subprocess.DEVNULL)
         base_url = f"http://127.0.0.1:{self._port}"
-        wait_for(lambda: self._healthy(base_url), 300, "the bare vLLM server", interval_s=1)
+        try:
+            wait_for(lambda: self._healthy(base_url), 300, "the bare vLLM server", interval_s=1)
+        except BaseException:  # a server that never came up must not stay behind
+            self.__exit__(None, None, None)
+            raise
         return base_url
 
     def _healthy(self, base_url: str) -> bool:
@@ -160,7 +164,7 @@ class BareVllmTarget(HttpLatency):
             return False
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._process is None:
+        if self._process is None or self._process.poll() is not None:
             return
         os.killpg(self._process.pid, signal.SIGTERM)
         try:

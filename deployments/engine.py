@@ -81,7 +81,7 @@ class Engine:
         on_cpu = current_platform.is_cpu()
         kwargs = engine_kwargs(spec, source, on_cpu)
         if on_cpu:
-            logger.info(cpu_amx.describe(spec.cpu_amx, cpu_amx.amx_tiles_supported()))
+            logger.info(cpu_amx.describe(spec.cpu_amx, cpu_amx.amx_tiles_supported(), cpu_amx.plugin_allowed()))
             kwargs.setdefault("kv_cache_memory_bytes", _cpu_kv_cache_budget(source, spec))
             if spec.num_workers > 1:
                 bind = cpu_threads_bind(spec.num_workers, sorted(os.sched_getaffinity(0)))
@@ -102,13 +102,14 @@ class Engine:
             raise EngineUnavailableError("This engine replica has failed and is being replaced. Retry the request.")
         self._counters.started += 1
         started = time.perf_counter()
-        outputs = self._engine.generate(
-            TokensPrompt(prompt_token_ids=request.prompt_token_ids),
-            sampling_params(request, self._spec.stream_interval),
-            request.request_id,
-            priority=request.priority,
-        )
+        outputs = None
         try:
+            outputs = self._engine.generate(
+                TokensPrompt(prompt_token_ids=request.prompt_token_ids),
+                sampling_params(request, self._spec.stream_interval),  # vLLM validates here too
+                request.request_id,
+                priority=request.priority,
+            )
             async for output in outputs:
                 completion = output.outputs[0]
                 self._counters.generated_tokens += len(completion.token_ids)
@@ -133,7 +134,8 @@ class Engine:
         except VLLMClientError as exc:  # vLLM's own validation: the client's mistake, never the model's
             raise BadRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
         finally:
-            await outputs.aclose()  # aborts the vLLM request if it is still running
+            if outputs is not None:
+                await outputs.aclose()  # aborts the vLLM request if it is still running
 
     def stats(self) -> dict[str, int]:
         return {**asdict(self._counters), "unfinished": self._engine.get_num_unfinished_requests()}

@@ -146,6 +146,23 @@ class EngineCrashedError(InternalServerError):
     default_code = "engine_crashed"
 
 
+def model_not_found(served: str, available: list[str]) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"The model `{served}` does not exist. Available models: {', '.join(sorted(available))}.", param="model"
+    )
+
+
+def invalid_field(errors: list[dict[str, Any]], code: str | None = None) -> BadRequestError:
+    """A 400 from pydantic's (or FastAPI's) validation errors: the first one, naming its field."""
+    first = errors[0]
+    if first.get("type") == "json_invalid":  # its location is a byte offset, not a field
+        message = f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+        return BadRequestError(message, code=code)
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    return BadRequestError(f"{param}: {first['msg']}" if param else first["msg"], param=param, code=code)
+
+
 def as_openai_error(exc: BaseException) -> OpenAIError:
     """The OpenAIError behind exc, unwrapping Ray's task error; anything else becomes a 500."""
     from ray.exceptions import RayActorError

@@ -25,7 +25,14 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.auth import OPEN_TENANT, Tenant, TenantDirectory, model_not_allowed, require_admin
-from deployments.errors import BadRequestError, ModelNotFoundError, OpenAIError, RequestTimeoutError, as_openai_error
+from deployments.errors import (
+    BadRequestError,
+    OpenAIError,
+    RequestTimeoutError,
+    as_openai_error,
+    invalid_field,
+    model_not_found,
+)
 from deployments.fallback import FallbackChain
 from deployments.messages import ModelRoute, PreparedRequest, TextChunk, merge_chunks
 from deployments.protocol import (
@@ -134,15 +141,6 @@ def error_response(error: OpenAIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
-    if first.get("type") == "json_invalid":  # its location is a byte offset, not a field
-        return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
-    return (f"{param}: {first['msg']}" if param else first["msg"]), param
-
-
 def install_error_handlers(app: FastAPI, on_rejected: Callable[[Request, OpenAIError], None] | None = None) -> None:
     """Every failure, including FastAPI's own, answers with an OpenAI error body.
 
@@ -161,8 +159,7 @@ def install_error_handlers(app: FastAPI, on_rejected: Callable[[Request, OpenAIE
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        error = OpenAIError(message, param=param, code="invalid_request")
+        error = invalid_field(exc.errors(), code="invalid_request")
         if on_rejected is not None:
             on_rejected(request, error)
         return error_response(error)
@@ -183,7 +180,7 @@ async def json_object(http_request: Request) -> dict[str, Any]:
     """The request body as a JSON object; 400 for anything else."""
     try:
         body = json.loads(await http_request.body())
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # UnicodeDecodeError included
         raise BadRequestError(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequestError("The request body must be a JSON object.")
@@ -458,8 +455,7 @@ def build_openai_app(
         visible = [card for card in (await stages.model_list()).data if tenant.allows(card.root)]
         card = next((card for card in visible if card.id == model_id), None)
         if card is None:
-            names = ", ".join(sorted(card.id for card in visible))
-            raise ModelNotFoundError(f"The model `{model_id}` does not exist. Available models: {names}.")
+            raise model_not_found(model_id, [card.id for card in visible])
         return card
 
     async def tokenizer_call(method: str, http_request: Request, tenant: Tenant) -> JSONResponse:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ray import serve
 
-from deployments.errors import ModelNotFoundError
+from deployments.errors import model_not_found
 from deployments.messages import ModelRoute
 from deployments.protocol import ModelCard, ModelList
 from models.spec import CircuitBreakerConfig, ModelSpec, UpstreamSpec
@@ -108,10 +108,7 @@ class ModelRegistry:
     def model_name(self, served: str) -> str:
         name = self._names.get(served)
         if name is None:
-            raise ModelNotFoundError(
-                f"The model `{served}` does not exist. Available models: {', '.join(sorted(self._names))}.",
-                param="model",
-            )
+            raise model_not_found(served, list(self._names))
         return name
 
     def resolve(self, served: str, session_key: str | None = None) -> ModelRoute:

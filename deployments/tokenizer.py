@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import ValidationError
 from ray import serve
 
-from deployments.errors import BadRequestError, ContextLengthExceededError
+from deployments.errors import BadRequestError, ContextLengthExceededError, invalid_field
 from deployments.messages import EngineRequest, ModelRoute, PreparedRequest, SamplingSettings
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from models.build import resolve_model_source
@@ -50,8 +50,10 @@ class PromptTokenizer:
             requested, default = request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS
         prompt_ids, max_tokens, truncated = self.fit_context(prompt_ids, requested, default, param)
         if (request.min_tokens or 0) > max_tokens:  # vLLM refuses it too, but as the engine's failure
+            source = "" if requested is not None else ", the default for this request"
             raise BadRequestError(
-                f"min_tokens={request.min_tokens} must be at most max_tokens={max_tokens}.", param="min_tokens"
+                f"min_tokens={request.min_tokens} must be at most max_tokens ({max_tokens}{source}).",
+                param="min_tokens",
             )
         sampling = SamplingSettings(
             max_tokens=max_tokens,
@@ -143,12 +145,14 @@ class PromptTokenizer:
 
         if "messages" in body:
             chat = parse_vllm(TokenizeChatRequest, body)
+            if chat.chat_template or "chat_template" in (chat.chat_template_kwargs or {}):
+                # As vLLM without --trust-request-chat-template: a template is code that runs here.
+                raise BadRequestError("A chat template from the request is not accepted.", param="chat_template")
             kwargs = {**(chat.chat_template_kwargs or {}), "add_generation_prompt": chat.add_generation_prompt,
                       "continue_final_message": chat.continue_final_message}  # fmt: skip
+            kwargs.pop("tokenize", None)
             if chat.tools:
                 kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in chat.tools]
-            if chat.chat_template:
-                kwargs["chat_template"] = chat.chat_template
             messages = [{**message, "content": message_text(message.get("content"))} for message in chat.messages]
             token_ids = self._render_chat(messages, chat.add_special_tokens, **kwargs)
             wants_strings = chat.return_token_strs
@@ -185,9 +189,7 @@ def parse_vllm(model: type, body: dict[str, Any]):
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(part) for part in first.get("loc", ())) or None
-        raise BadRequestError(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        raise invalid_field(exc.errors()) from None
     except VLLMValidationError as exc:
         raise BadRequestError(str(exc), param=exc.parameter) from None
 

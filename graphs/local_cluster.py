@@ -77,6 +77,8 @@ def lasting_free_port() -> int:
     """
     ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     candidates = list(range(RAY_WORKER_PORTS_END + 1, ephemeral_start))
+    if not candidates:  # an ephemeral range that starts low leaves no such gap
+        return free_port()
     random.shuffle(candidates)
     for port in candidates:
         with socket.socket() as sock:
@@ -85,7 +87,7 @@ def lasting_free_port() -> int:
             except OSError:
                 continue
             return port
-    raise RuntimeError(f"no free port between {RAY_WORKER_PORTS_END + 1} and {ephemeral_start}")
+    return free_port()
 
 
 def wait_for(check: Callable[[], T | None], timeout_s: float, what: str, interval_s: float = 0.2) -> T:

@@ -25,6 +25,7 @@ from typing import get_args
 from models.spec import CpuAmxMode
 
 MODE_ENV = "SERVEGRAPH_CPU_AMX"
+PLUGIN_NAME = "servegraph_cpu_amx"  # the entry point's name in pyproject.toml
 
 logger = logging.getLogger("servegraph.cpu_amx")
 
@@ -42,8 +43,16 @@ def mode_from_env() -> CpuAmxMode:
     return mode  # type: ignore[return-value]
 
 
-def describe(mode: CpuAmxMode, has_amx: bool) -> str:
+def plugin_allowed(environ: dict[str, str] | os._Environ = os.environ) -> bool:
+    """vLLM loads only the plugins VLLM_PLUGINS names, when it is set."""
+    allowed = environ.get("VLLM_PLUGINS")
+    return allowed is None or PLUGIN_NAME in [name.strip() for name in allowed.split(",")]
+
+
+def describe(mode: CpuAmxMode, has_amx: bool, plugin_loads: bool = True) -> str:
     """One line for the engine's start log: what this mode does on this CPU."""
+    if has_amx and mode != "vllm" and not plugin_loads:
+        return f"cpu_amx={mode} has no effect: VLLM_PLUGINS does not name {PLUGIN_NAME}, so vLLM runs as it is"
     if not has_amx:
         return f"cpu_amx={mode}: this CPU has no AMX tiles; vLLM's kernels run as they are"
     return {

@@ -73,6 +73,19 @@ def test_http_401_403_and_per_tenant_model_lists(client):
     assert client.get("/healthz").status_code == 200
 
 
+def test_tokenizer_routes_and_model_retrieval_need_a_key_and_keep_to_the_tenant(client):
+    body = {"model": "roomy", "prompt": "hello"}
+    assert client.post("/tokenize", json=body).status_code == 401
+    assert client.post("/detokenize", json={"model": "tiny", "tokens": [1]}).status_code == 401
+    assert client.get("/v1/models/tiny").status_code == 401
+    denied = client.post("/tokenize", json=body, headers=bearer("sk-a"))
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "model_not_allowed"
+    assert client.post("/tokenize", json=body, headers=bearer("sk-b")).json()["count"] > 0
+    hidden = client.get("/v1/models/roomy", headers=bearer("sk-a"))
+    assert hidden.status_code == 404 and "roomy" not in hidden.json()["error"]["message"].split("Available")[1]
+    assert client.get("/v1/models/roomy", headers=bearer("sk-b")).json()["id"] == "roomy"
+
+
 def test_fallbacks_outside_the_tenant_are_not_used(client):
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}  # tiny fails; roomy would serve
     assert client.post("/v1/completions", json=body, headers=bearer("sk-a")).status_code == 500

@@ -94,6 +94,9 @@ def test_cpu_amx_modes(monkeypatch):
     assert cpu_amx.mode_from_env() == "auto"
     assert "no AMX tiles" in cpu_amx.describe("auto", has_amx=False)
     assert "requests AMX tile permission" in cpu_amx.describe("auto", has_amx=True)
+    assert cpu_amx.plugin_allowed({}) and cpu_amx.plugin_allowed({"VLLM_PLUGINS": "x, servegraph_cpu_amx"})
+    assert not cpu_amx.plugin_allowed({"VLLM_PLUGINS": "lora_filesystem_resolver"})
+    assert "has no effect" in cpu_amx.describe("auto", has_amx=True, plugin_loads=False)
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     cpu_amx.apply("vllm")

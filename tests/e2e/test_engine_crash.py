@@ -50,12 +50,12 @@ def test_request_running_when_its_engine_dies_gets_a_clear_error_and_the_model_c
 
     # Until Serve replaces the replica, requests get a 503 that says to retry (the replica is failing, or
     # enough of them failed to open the model's circuit breaker) or, queued for the new replica, a 504
-    # at the model's deadline. Then eight in a row are served: both ingress replicas' breakers closed
-    # again, so the tests after this one find `strict` as it was.
+    # at the model's deadline. Then sixteen in a row are served: both ingress replicas' breakers are
+    # closed again, so the tests after this one find `strict` as it was.
     def all_served() -> bool:
         replies = [
             httpx.post(url, json={**body, "max_tokens": 4, "stream": False}, headers=ALPHA, timeout=60)
-            for _ in range(8)
+            for _ in range(16)
         ]
         for reply in replies:
             assert reply.status_code in (200, 503, 504), reply.text
