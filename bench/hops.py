@@ -15,7 +15,7 @@ from dataclasses import replace
 import httpx
 
 from deployments.messages import PreparedRequest
-from deployments.protocol import CompletionRequest
+from deployments.protocol import completion_request
 
 
 async def median_ms(call: Callable[[], Awaitable[object]], repeats: int) -> float:
@@ -35,17 +35,18 @@ async def _measure(base_url: str, model: str, app: str, repeats: int) -> dict[st
         return serve.get_deployment_handle(name, app_name=app)
 
     router, tokenizer, postprocess = handle("router"), handle("tokenizer"), handle("postprocess")
-    request = CompletionRequest(model=model, prompt="Hello there", max_tokens=1, temperature=0)
+    request = completion_request({"model": model, "prompt": "Hello there", "max_tokens": 1, "temperature": 0})
     route = (await router.registry.remote()).resolve(model)  # as the ingress does: the registry's copy
     prepared = await tokenizer.prepare.remote(route, request, "hops")
     engine = handle(route.engine).options(stream=True)
     request_ids = (f"hops-{i}" for i in itertools.count())
 
     def fresh() -> PreparedRequest:
-        return replace(prepared, engine_request=replace(prepared.engine_request, request_id=next(request_ids)))
+        (engine_request,) = prepared.engine_requests
+        return replace(prepared, engine_requests=[replace(engine_request, request_id=next(request_ids))])
 
     async def engine_call() -> list:
-        return [chunk async for chunk in engine.generate.remote(fresh().engine_request)]
+        return [chunk async for chunk in engine.generate.remote(fresh().engine_requests)]
 
     t = {
         "tokenizer": await median_ms(lambda: tokenizer.prepare.remote(route, request, "hops"), repeats),

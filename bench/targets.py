@@ -134,6 +134,12 @@ class BareVllmTarget(HttpLatency):
         self._port = port or free_port()
         self._process: subprocess.Popen | None = None
 
+    def parser_args(self) -> list[str]:
+        """The spec's tool and reasoning parsers, as `vllm serve` takes them."""
+        spec = self._spec
+        tools = ["--enable-auto-tool-choice", "--tool-call-parser", spec.tool_parser] if spec.tool_parser else []
+        return tools + (["--reasoning-parser", spec.reasoning_parser] if spec.reasoning_parser else [])
+
     def command(self) -> list[str]:
         spec = self._spec
         return [
@@ -142,6 +148,7 @@ class BareVllmTarget(HttpLatency):
             "--dtype", spec.dtype, "--max-model-len", str(spec.max_model_len),
             "--max-num-seqs", str(spec.max_num_seqs), "--enforce-eager",
             "--gpu-memory-utilization", "0.3", "--host", "127.0.0.1", "--port", str(self._port),
+            *self.parser_args(),
         ]  # fmt: skip
 
     def __enter__(self) -> str:

@@ -1,4 +1,9 @@
-"""Engine stage: one vLLM AsyncLLM per replica, token ids in, token ids out."""
+"""Engine stage: one vLLM AsyncLLM per replica; token ids and SamplingParams in, vLLM's RequestOutputs out.
+
+The engine loads the model's tokenizer (structured outputs compile grammars against it, and
+it detokenizes output and logprobs as `vllm serve`'s engine does) but never tokenizes a prompt:
+prompts arrive as token ids from the tokenizer stage.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ray import serve
 
 from deployments.errors import BadRequestError, EngineCrashedError, EngineUnavailableError
-from deployments.messages import EngineRequest, TokenChunk
+from deployments.messages import EngineRequest
 from models import cpu_amx
 from models.build import resolve_model_source
 from models.engine_config import cpu_kv_cache_bytes, cpu_threads_bind, engine_kwargs, kv_cache_bytes
@@ -31,29 +37,6 @@ class EngineCounters:
     aborted: int = 0
     generated_tokens: int = 0
     crashed: int = 0
-
-
-def sampling_params(request: EngineRequest, stream_interval: int):
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    s = request.sampling
-    return SamplingParams(
-        max_tokens=s.max_tokens,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        presence_penalty=s.presence_penalty,
-        frequency_penalty=s.frequency_penalty,
-        seed=s.seed,
-        ignore_eos=s.ignore_eos,
-        top_k=s.top_k,
-        min_tokens=s.min_tokens,
-        repetition_penalty=s.repetition_penalty,
-        stop_token_ids=list(s.stop_token_ids),
-        detokenize=False,
-        output_kind=RequestOutputKind.DELTA,
-        stream_interval=stream_interval,
-    )
 
 
 def _cpu_kv_cache_budget(model_source: str, spec: ModelSpec) -> int:
@@ -93,49 +76,65 @@ class Engine:
         )
         self._counters = EngineCounters()
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[TokenChunk]:
+    async def generate(self, requests: list[EngineRequest]) -> AsyncIterator[tuple[int, Any]]:
+        """(prompt index, vLLM RequestOutput) for every prompt of one client request, as they come.
+
+        One handle call per client request, however many prompts it has: a list of prompts is
+        queued and batched by vLLM, not spread as separate calls that Serve's queue limits refuse.
+        Streams get deltas, other requests one final output per prompt.
+        """
         from vllm.exceptions import VLLMClientError
-        from vllm.inputs import TokensPrompt
+        from vllm.utils.async_utils import merge_async_iterators
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if self._engine.errored:  # dead before this request: another replica may serve it
             raise EngineUnavailableError("This engine replica has failed and is being replaced. Retry the request.")
+        request_ids = ", ".join(request.request_id for request in requests)
+        try:
+            async for indexed in merge_async_iterators(*(self._outputs(request) for request in requests)):
+                yield indexed
+        except EngineDeadError:
+            self._counters.crashed += 1
+            logger.error("engine died while serving request %s", request_ids, extra={"engine_request_id": request_ids})
+            raise EngineCrashedError(
+                f"The model's engine crashed while serving this request ({request_ids}); it is being "
+                "restarted. The request was not retried, since it may have caused the crash."
+            ) from None
+        except VLLMClientError as exc:  # vLLM's own validation: the client's mistake, never the model's
+            raise BadRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
+
+    async def _outputs(self, request: EngineRequest) -> AsyncIterator[Any]:
+        """One prompt's outputs. Only the first carries the prompt's token ids and logprobs (when
+        there is one sample: later messages stay small); the last carries the time in this engine."""
+        from vllm.inputs import TokensPrompt
+
         self._counters.started += 1
         started = time.perf_counter()
-        outputs = None
+        trim_prompt = request.sampling_params.n == 1
+        outputs = self._engine.generate(
+            TokensPrompt(prompt_token_ids=request.prompt_token_ids),
+            request.sampling_params,  # vLLM validates here too
+            request.request_id,
+            priority=request.priority,
+            reasoning_ended=request.reasoning_ended,
+            reasoning_parser_kwargs=request.reasoning_parser_kwargs,
+        )
+        first = True
         try:
-            outputs = self._engine.generate(
-                TokensPrompt(prompt_token_ids=request.prompt_token_ids),
-                sampling_params(request, self._spec.stream_interval),  # vLLM validates here too
-                request.request_id,
-                priority=request.priority,
-            )
             async for output in outputs:
-                completion = output.outputs[0]
-                self._counters.generated_tokens += len(completion.token_ids)
-                elapsed = time.perf_counter() - started if output.finished else None
-                yield TokenChunk(list(completion.token_ids), completion.finish_reason, elapsed)
+                self._counters.generated_tokens += sum(len(c.token_ids) for c in output.outputs)
+                if trim_prompt and not first:
+                    output.prompt_token_ids = output.prompt_logprobs = None
+                first = False
+                output.engine_seconds = time.perf_counter() - started if output.finished else None
+                yield output
             self._counters.finished += 1
             logger.info("engine request finished", extra={"engine_request_id": request.request_id})
         except (asyncio.CancelledError, GeneratorExit):
             self._counters.aborted += 1
             raise
-        except EngineDeadError:
-            self._counters.crashed += 1
-            logger.error(
-                "engine died while serving request %s",
-                request.request_id,
-                extra={"engine_request_id": request.request_id},
-            )
-            raise EngineCrashedError(
-                f"The model's engine crashed while serving this request ({request.request_id}); it is being "
-                "restarted. The request was not retried, since it may have caused the crash."
-            ) from None
-        except VLLMClientError as exc:  # vLLM's own validation: the client's mistake, never the model's
-            raise BadRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
         finally:
-            if outputs is not None:
-                await outputs.aclose()  # aborts the vLLM request if it is still running
+            await outputs.aclose()  # aborts the vLLM request if it is still running
 
     def stats(self) -> dict[str, int]:
         return {**asdict(self._counters), "unfinished": self._engine.get_num_unfinished_requests()}

@@ -163,6 +163,15 @@ def invalid_field(errors: list[dict[str, Any]], code: str | None = None) -> BadR
     return BadRequestError(f"{param}: {first['msg']}" if param else first["msg"], param=param, code=code)
 
 
+def from_vllm_error(response: Any) -> OpenAIError:
+    """vLLM's ErrorResponse (its serving classes return rather than raise them) as our error."""
+    info = response.error
+    status = int(info.code) if 400 <= int(info.code or 500) < 600 else 500
+    error = OpenAIError(info.message, param=info.param, status_code=status, code=None)
+    error.error_type = info.type
+    return error
+
+
 def as_openai_error(exc: BaseException) -> OpenAIError:
     """The OpenAIError behind exc, unwrapping Ray's task error; anything else becomes a 500."""
     from ray.exceptions import RayActorError

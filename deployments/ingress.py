@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import httpx
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -34,35 +34,20 @@ from deployments.errors import (
     model_not_found,
 )
 from deployments.fallback import FallbackChain
-from deployments.messages import ModelRoute, PreparedRequest, TextChunk, merge_chunks
-from deployments.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
-    DeltaMessage,
-    ModelCard,
-    ModelList,
-    Usage,
-    new_id,
-)
+from deployments.messages import ModelRoute, PreparedRequest, ResponseChunk
+from deployments.protocol import ModelCard, ModelList, chat_completion_request, completion_request, new_id
 from deployments.quota import HandleQuotas, Quotas
 from deployments.router import Link, ModelRegistry, TrafficWeights
 from deployments.streaming import Deadline, until_finished
 from deployments.telemetry import RequestRecord, RequestTelemetry, RequestTrace, status_of
-from deployments.upstream import UpstreamClient
+from deployments.upstream import UpstreamClient, sse
 from deployments.usage import UsageLog, UsageRecord, UsageReport, read_usage, summarize
 from graphs.config import AuthConfig, IngressConfig, UsageConfig
 from models.spec import UpstreamSpec
 
 logger = logging.getLogger("servegraph.ingress")
 
-OpenAIRequest = CompletionRequest | ChatCompletionRequest
+OpenAIRequest = Any  # vLLM's CompletionRequest or ChatCompletionRequest, parsed here once
 
 
 class GraphStages(Protocol):
@@ -72,9 +57,9 @@ class GraphStages(Protocol):
     async def prepare(
         self, route: ModelRoute, request: OpenAIRequest, request_id: str, priority: int = 0
     ) -> PreparedRequest: ...
-    def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]: ...
-    async def complete(self, prepared: PreparedRequest) -> TextChunk: ...
-    def stream_upstream(self, upstream: UpstreamSpec, request: OpenAIRequest) -> AsyncIterator[TextChunk]: ...
+    def stream(self, prepared: PreparedRequest) -> AsyncIterator[ResponseChunk]: ...
+    async def complete(self, prepared: PreparedRequest) -> ResponseChunk: ...
+    def upstream(self, upstream: UpstreamSpec) -> UpstreamClient: ...
     async def model_list(self) -> ModelList: ...
     async def tokenizer_call(self, method: str, route: ModelRoute, body: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -116,18 +101,18 @@ class HandleStages:
     ) -> PreparedRequest:
         return await self._tokenizer.prepare.remote(route, request, request_id, priority)
 
-    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]:
+    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[ResponseChunk]:
         chunks = self._postprocess_stream.stream.remote(prepared)
         async for chunk in until_finished(chunks, chunks):
             yield chunk
 
-    async def complete(self, prepared: PreparedRequest) -> TextChunk:
+    async def complete(self, prepared: PreparedRequest) -> ResponseChunk:
         return await self._postprocess.complete.remote(prepared)
 
-    def stream_upstream(self, upstream: UpstreamSpec, request: OpenAIRequest) -> AsyncIterator[TextChunk]:
+    def upstream(self, upstream: UpstreamSpec) -> UpstreamClient:
         if upstream.name not in self._upstreams:
             self._upstreams[upstream.name] = UpstreamClient(upstream, self._http)
-        return self._upstreams[upstream.name].stream(request)
+        return self._upstreams[upstream.name]
 
     async def model_list(self) -> ModelList:
         return (await self.registry()).model_list()
@@ -187,79 +172,7 @@ async def json_object(http_request: Request) -> dict[str, Any]:
     return body
 
 
-def sse(payload: str) -> str:
-    return f"data: {payload}\n\n"
-
-
-def usage_of(chunk: TextChunk) -> Usage:
-    return Usage(
-        prompt_tokens=chunk.prompt_tokens,
-        completion_tokens=chunk.completion_tokens,
-        total_tokens=chunk.prompt_tokens + chunk.completion_tokens,
-    )
-
-
-@dataclass(frozen=True)
-class ResponseMeta:
-    """What every response and chunk of one request carries besides text."""
-
-    id: str
-    model: str
-    system_fingerprint: str | None = None
-
-    def fields(self) -> dict[str, str | None]:
-        return {"id": self.id, "model": self.model, "system_fingerprint": self.system_fingerprint}
-
-
-class ResponseShape(Protocol):
-    """How one endpoint renders text chunks: whole responses and stream chunks."""
-
-    id_prefix: str
-
-    def response(self, meta: ResponseMeta, chunk: TextChunk) -> CompletionResponse | ChatCompletionResponse: ...
-    def first_chunk(self, meta: ResponseMeta) -> str | None: ...
-    def chunk(self, meta: ResponseMeta, chunk: TextChunk) -> str: ...
-    def usage_chunk(self, meta: ResponseMeta, chunk: TextChunk) -> str: ...
-
-
-class CompletionShape:
-    id_prefix = "cmpl"
-
-    def response(self, meta: ResponseMeta, chunk: TextChunk) -> CompletionResponse:
-        choice = CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason)
-        return CompletionResponse(**meta.fields(), choices=[choice], usage=usage_of(chunk))
-
-    def first_chunk(self, meta: ResponseMeta) -> str | None:
-        return None
-
-    def chunk(self, meta: ResponseMeta, chunk: TextChunk) -> str:
-        choice = CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason)
-        return CompletionResponse(**meta.fields(), choices=[choice]).model_dump_json()
-
-    def usage_chunk(self, meta: ResponseMeta, chunk: TextChunk) -> str:
-        return CompletionResponse(**meta.fields(), choices=[], usage=usage_of(chunk)).model_dump_json()
-
-
-class ChatShape:
-    id_prefix = "chatcmpl"
-
-    def response(self, meta: ResponseMeta, chunk: TextChunk) -> ChatCompletionResponse:
-        choice = ChatChoice(message=AssistantMessage(content=chunk.text), finish_reason=chunk.finish_reason)
-        return ChatCompletionResponse(**meta.fields(), choices=[choice], usage=usage_of(chunk))
-
-    def first_chunk(self, meta: ResponseMeta) -> str | None:
-        choice = ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))
-        return ChatCompletionChunk(**meta.fields(), choices=[choice]).model_dump_json()
-
-    def chunk(self, meta: ResponseMeta, chunk: TextChunk) -> str:
-        choice = ChatChunkChoice(delta=DeltaMessage(content=chunk.text), finish_reason=chunk.finish_reason)
-        return ChatCompletionChunk(**meta.fields(), choices=[choice]).model_dump_json()
-
-    def usage_chunk(self, meta: ResponseMeta, chunk: TextChunk) -> str:
-        return ChatCompletionChunk(**meta.fields(), choices=[], usage=usage_of(chunk)).model_dump_json()
-
-
-async def open_stream(chunks: AsyncIterator[TextChunk], deadline: Deadline) -> AsyncIterator[TextChunk]:
+async def open_stream(chunks: AsyncIterator[ResponseChunk], deadline: Deadline) -> AsyncIterator[ResponseChunk]:
     """The text stream, once its first chunk is in: until then a failure (overload, timeout)
     still gets its own HTTP status, or a fallback, instead of an error event inside a 200 stream."""
     chunks = deadline.iterate(chunks)
@@ -269,7 +182,7 @@ async def open_stream(chunks: AsyncIterator[TextChunk], deadline: Deadline) -> A
         await chunks.aclose()
         raise
 
-    async def replay() -> AsyncIterator[TextChunk]:
+    async def replay() -> AsyncIterator[ResponseChunk]:
         yield first
         async for chunk in chunks:
             yield chunk
@@ -277,38 +190,28 @@ async def open_stream(chunks: AsyncIterator[TextChunk], deadline: Deadline) -> A
     return replay()
 
 
-async def sse_events(
-    chunks: AsyncIterator[TextChunk],
-    meta: ResponseMeta,
-    request: OpenAIRequest,
-    shape: ResponseShape,
-    trace: RequestTrace,
-) -> AsyncIterator[str]:
-    first = shape.first_chunk(meta)
-    if first is not None:
-        yield sse(first)
-    last: TextChunk | None = None
+async def sse_events(chunks: AsyncIterator[ResponseChunk], response_id: str, trace: RequestTrace) -> AsyncIterator[str]:
+    """The postprocess stage's SSE events as they come; a failure after the headers becomes an error event."""
+    last: ResponseChunk | None = None
     status = 200
     try:
         async for chunk in chunks:
             trace.first_token()
             trace.text(chunk)
             last = chunk
-            yield sse(shape.chunk(meta, chunk))
+            status = chunk.error_status or status
+            yield chunk.data
     except Exception as exc:  # headers are gone: report the failure in the stream itself
         error = as_openai_error(exc)
         status = error.status_code
-        logger.warning("stream %s failed: %s", meta.id, error.message)
+        logger.warning("stream %s failed: %s", response_id, error.message)
         yield sse(json.dumps(error.body()))
+        yield sse("[DONE]")
     except BaseException as exc:  # the client went away
         status = status_of(exc)
         raise
-    else:
-        if last is not None and request.include_usage_in_stream:
-            yield sse(shape.usage_chunk(meta, last))
     finally:
         trace.finish(status, last)
-    yield sse("[DONE]")
 
 
 def timeout_error(model: str, timeout_s: float | None) -> RequestTimeoutError:
@@ -336,32 +239,48 @@ def link_timeout(link: Link) -> float | None:
 
 
 class LinkAttempts:
-    """Runs one request on one link of its fallback chain: a local model version or an upstream."""
+    """Runs one request on one link of its fallback chain: a local model version or an upstream.
+
+    Responses name the model the client asked for, or the fallback's when one serves.
+    """
 
     def __init__(
-        self, stages: GraphStages, request: OpenAIRequest, response_id: str, deadline: Deadline, priority: int
+        self,
+        stages: GraphStages,
+        request: OpenAIRequest,
+        response_id: str,
+        deadline: Deadline,
+        priority: int,
+        primary: Link,
     ) -> None:
         self._stages = stages
         self._request = request
         self._response_id = response_id
         self._deadline = deadline
         self._priority = priority
+        self._primary = primary
 
-    async def _prepare(self, route: ModelRoute) -> PreparedRequest:
-        return await self._deadline.run(self._stages.prepare(route, self._request, self._response_id, self._priority))
+    def _model_name(self, link: Link) -> str:
+        return self._request.model if link is self._primary else link.model
 
-    async def _chunks(self, link: Link) -> AsyncIterator[TextChunk]:
+    async def _prepare(self, link: Link) -> PreparedRequest:
+        prepared = await self._deadline.run(
+            self._stages.prepare(link.target, self._request, self._response_id, self._priority)
+        )
+        return replace(prepared, model_name=self._model_name(link))
+
+    async def stream(self, link: Link) -> AsyncIterator[ResponseChunk]:
         if isinstance(link.target, UpstreamSpec):
-            return self._stages.stream_upstream(link.target, self._request)
-        return self._stages.stream(await self._prepare(link.target))
+            chunks = self._stages.upstream(link.target).stream(self._request, self._model_name(link))
+        else:
+            chunks = self._stages.stream(await self._prepare(link))
+        return await open_stream(chunks, self._deadline)
 
-    async def stream(self, link: Link) -> AsyncIterator[TextChunk]:
-        return await open_stream(await self._chunks(link), self._deadline)
-
-    async def complete(self, link: Link) -> TextChunk:
+    async def complete(self, link: Link) -> ResponseChunk:
         if isinstance(link.target, UpstreamSpec):
-            return merge_chunks([chunk async for chunk in self._deadline.iterate(await self._chunks(link))])
-        return await self._deadline.run(self._stages.complete(await self._prepare(link.target)))
+            upstream = self._stages.upstream(link.target)
+            return await self._deadline.run(upstream.complete(self._request, self._model_name(link)))
+        return await self._deadline.run(self._stages.complete(await self._prepare(link)))
 
 
 def allowed_links(tenant: Tenant, requested: str, links: list[Link]) -> list[Link]:
@@ -410,11 +329,11 @@ def build_openai_app(
 
     install_error_handlers(app, on_rejected)
 
-    async def generate(http_request: Request, request: OpenAIRequest, shape: ResponseShape, tenant: Tenant):
+    async def generate(http_request: Request, request: OpenAIRequest, id_prefix: str, tenant: Tenant):
         trace = RequestTrace(
-            observe, request_id_of(http_request), application, request.model, request.stream, tenant=tenant.name
+            observe, request_id_of(http_request), application, request.model, bool(request.stream), tenant=tenant.name
         )
-        response_id = new_id(shape.id_prefix)
+        response_id = new_id(id_prefix)
         try:
             chain_links = await stages.chain(request.model, session_key_of(http_request, request))
             links = allowed_links(tenant, request.model, chain_links)
@@ -423,23 +342,21 @@ def build_openai_app(
                 trace.observe = settling(trace.observe, quotas, tenant.name, response_id)
             primary = links[0]
             deadline = Deadline(link_timeout(primary), lambda: timeout_error(primary.model, link_timeout(primary)))
-            attempts = LinkAttempts(stages, request, response_id, deadline, tenant.priority.engine_priority)
+            attempts = LinkAttempts(stages, request, response_id, deadline, tenant.priority.engine_priority, primary)
             link, result = await chain.first_served(links, attempts.stream if request.stream else attempts.complete)
             target = link.target
             version = target.version if isinstance(target, ModelRoute) else "upstream"
             trace.served(link.served_by, version, getattr(target, "log_payloads", False), request)
-            model = request.model if link is primary else link.model
-            meta = ResponseMeta(response_id, model, link.served_by)
             headers = {SERVED_BY_HEADER: link.served_by}
             if request.stream:
-                events = sse_events(result, meta, request, shape, trace)
+                events = sse_events(result, response_id, trace)
                 return StreamingResponse(events, media_type="text/event-stream", headers=headers)
             trace.text(result)
         except BaseException as exc:
             trace.finish(status_of(exc))
             raise
         trace.finish(200, result)
-        return JSONResponse(shape.response(meta, result).model_dump(mode="json"), headers=headers)
+        return Response(result.data, media_type="application/json", headers=headers)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -495,15 +412,28 @@ def build_openai_app(
         table = await asyncio.to_thread(read_usage, usage_dir)
         return summarize(table, tenant=who, application=application, since=start, until=end)
 
+    async def parsed(http_request: Request, parse: Callable[[dict[str, Any]], OpenAIRequest], tenant: Tenant):
+        """The body as vLLM's request model; a refused body still leaves its record."""
+        try:
+            return parse(await json_object(http_request))
+        except OpenAIError as error:
+            trace = RequestTrace(
+                observe, request_id_of(http_request), application, "-", stream=False, tenant=tenant.name
+            )
+            trace.finish(error.status_code)
+            raise
+
     @app.post("/v1/completions", response_model=None)
-    async def completions(http_request: Request, request: CompletionRequest, tenant: Tenant = Depends(tenant_of)):
-        return await generate(http_request, request, CompletionShape(), tenant)
+    async def completions(http_request: Request, tenant: Tenant = Depends(tenant_of)):
+        """vLLM's CompletionRequest: every field `vllm serve` takes, with its defaults."""
+        request = await parsed(http_request, completion_request, tenant)
+        return await generate(http_request, request, "cmpl", tenant)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(
-        http_request: Request, request: ChatCompletionRequest, tenant: Tenant = Depends(tenant_of)
-    ):
-        return await generate(http_request, request, ChatShape(), tenant)
+    async def chat_completions(http_request: Request, tenant: Tenant = Depends(tenant_of)):
+        """vLLM's ChatCompletionRequest: tools, response_format, logprobs, n and the rest, as `vllm serve`."""
+        request = await parsed(http_request, chat_completion_request, tenant)
+        return await generate(http_request, request, "chatcmpl", tenant)
 
     return app
 

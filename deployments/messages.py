@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -22,69 +23,58 @@ class ModelRoute:
 
 
 @dataclass(frozen=True)
-class SamplingSettings:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    ignore_eos: bool = False
-    top_k: int = 0
-    min_tokens: int = 0
-    repetition_penalty: float = 1.0
-    stop_token_ids: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
 class EngineRequest:
-    """Token ids in, sampling settings: all an engine needs, no text."""
+    """Token ids in, vLLM's SamplingParams: all an engine needs, no text."""
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling: SamplingSettings
+    sampling_params: Any  # vllm.SamplingParams, built by the tokenizer stage from the request
     priority: int = 0  # vLLM's: lower is scheduled first
+    reasoning_ended: bool | None = None
+    reasoning_parser_kwargs: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    """The tokenizer's output: the engine request plus what postprocessing must know."""
+    """The tokenizer's output: one engine request per prompt, and what postprocessing must know.
+
+    request is vLLM's parsed protocol model, carried as is (never parsed again); conversation
+    is the rendered chat (for echo); prompt_texts are the prompts as text (for echo and logprobs).
+    """
 
     route: ModelRoute
-    engine_request: EngineRequest
-    stop_strings: tuple[str, ...] = ()
-    truncated_tokens: int = 0
+    request: Any  # vLLM's ChatCompletionRequest or CompletionRequest
+    engine_requests: list[EngineRequest]
+    prompt_texts: list[str | None]
+    conversation: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    response_id: str = ""
+    model_name: str = ""  # the name responses carry: what the client asked for, or the fallback's
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.engine_request.prompt_token_ids)
+        return sum(len(r.prompt_token_ids) for r in self.engine_requests)
 
-
-@dataclass(frozen=True)
-class TokenChunk:
-    """New token ids from the engine since the previous chunk.
-
-    The last chunk carries how long the request spent inside the engine.
-    """
-
-    token_ids: list[int]
-    finish_reason: str | None = None
-    engine_seconds: float | None = None
+    @property
+    def stream(self) -> bool:
+        return bool(self.request.stream)
 
 
 @dataclass
-class TextChunk:
-    """New text for the client, with running usage so the last chunk carries the totals."""
+class ResponseChunk:
+    """Response bytes for the client, with running usage so the last chunk carries the totals.
 
-    text: str
+    data is one or more SSE events for a stream, or the whole JSON body otherwise; finished
+    marks the chunk that ends the response ([DONE] for streams). error_status is set when
+    an error event went out inside a 200 stream. text is the completion text, kept only
+    for models that log payloads.
+    """
+
+    data: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
+    finished: bool = False
     engine_seconds: float | None = None
-
-
-def merge_chunks(chunks: list[TextChunk]) -> TextChunk:
-    """One chunk with all the text; usage and finish reason of the last."""
-    last = chunks[-1]
-    text = "".join(c.text for c in chunks)
-    return TextChunk(text, last.prompt_tokens, last.completion_tokens, last.finish_reason, last.engine_seconds)
+    error_status: int | None = None
+    text: str = ""

@@ -1,138 +1,193 @@
-"""Postprocessing stage: token ids to text, stop strings, finish reasons and usage."""
+"""Postprocessing stage: vLLM's RequestOutputs to OpenAI responses, through vLLM's own serving classes.
+
+The engine detokenizes and applies stop strings; this stage shapes what it produced into
+chat or completion responses and SSE events exactly as `vllm serve` does: n choices,
+logprobs, echo, tool calls (the model's tool parser), reasoning content, usage.
+"""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import ModelStartingError, as_openai_error
-from deployments.messages import ModelRoute, PreparedRequest, TextChunk, TokenChunk, merge_chunks
-from deployments.streaming import Deadline, until_finished
-from deployments.tokenizer import load_tokenizer
+from deployments.errors import ModelStartingError, OpenAIError, as_openai_error, from_vllm_error
+from deployments.frontend import Frontend, build_frontend
+from deployments.messages import ModelRoute, PreparedRequest, ResponseChunk
+from deployments.protocol import is_chat
+from deployments.streaming import Deadline
 from models.spec import ModelSpec
 
-REPLACEMENT_CHAR = "\ufffd"
+Indexed = tuple[int, Any]  # (prompt index, vLLM RequestOutput)
+DONE_EVENT = "data: [DONE]\n\n"
+ERROR_EVENT_PREFIX = 'data: {"error"'
 
 
-class IncrementalDetokenizer:
-    """Decodes a growing list of token ids into text deltas.
+class OutputTally:
+    """Counts what the engine produced for one request while vLLM's generators consume it."""
 
-    Decodes a small window (prefix/read offsets, as vLLM and TGI do) so the cost per step
-    does not grow with the output, and holds text back while it ends in an incomplete
-    UTF-8 sequence so multi-byte characters split across tokens come out whole.
-    """
-
-    def __init__(self, tokenizer) -> None:
-        self._decode = getattr(tokenizer, "backend_tokenizer", tokenizer).decode
-        self._ids: list[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
-
-    def step(self, new_ids: list[int]) -> str:
-        self._ids.extend(new_ids)
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        new_text = self._decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
-        if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
-            return ""
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return new_text[len(prefix_text) :]
-
-    def flush(self) -> str:
-        """Whatever is still held back, incomplete bytes shown as U+FFFD."""
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        new_text = self._decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
-        self._prefix_offset = self._read_offset = len(self._ids)
-        return new_text[len(prefix_text) :]
-
-
-class StopStringMatcher:
-    """Finds stop strings across chunk boundaries, holding back text that could start one."""
-
-    def __init__(self, stop_strings: tuple[str, ...]) -> None:
-        self._stops = stop_strings
-        self._holdback = max((len(s) for s in stop_strings), default=1) - 1
-        self._pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Text that is safe to emit, and whether a stop string ended the output."""
-        self._pending += text
-        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            out, self._pending = self._pending[: min(hits)], ""
-            return out, True
-        cut = max(len(self._pending) - self._holdback, 0)
-        out, self._pending = self._pending[:cut], self._pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self._pending = self._pending, ""
-        return out
-
-
-class TextAssembler:
-    """Per-request state that turns engine token chunks into client text chunks."""
-
-    def __init__(self, tokenizer, prepared: PreparedRequest) -> None:
-        self._detokenizer = IncrementalDetokenizer(tokenizer)
-        self._stops = StopStringMatcher(prepared.stop_strings)
-        self._prompt_tokens = prepared.prompt_tokens
+    def __init__(self, prepared: PreparedRequest) -> None:
+        self.prompt_tokens = prepared.prompt_tokens
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.engine_seconds: float | None = None
+        self.error: OpenAIError | None = None
+        self._keep_text = prepared.route.log_payloads
+        self._text: list[str] = []
 
-    def add(self, chunk: TokenChunk) -> TextChunk | None:
-        """The client's next chunk, or None while text is held back or after the output ended."""
-        if self.finish_reason is not None:
-            return None
-        self.completion_tokens += len(chunk.token_ids)
-        text = self._detokenizer.step(chunk.token_ids)
-        if chunk.finish_reason is not None:
-            text += self._detokenizer.flush()
-        text, hit_stop = self._stops.feed(text)
-        if hit_stop:
-            self.finish_reason = "stop"
-        elif chunk.finish_reason is not None:
-            text += self._stops.flush()
-            self.finish_reason = chunk.finish_reason
-        if not text and self.finish_reason is None:
-            return None
-        return TextChunk(text, self._prompt_tokens, self.completion_tokens, self.finish_reason, chunk.engine_seconds)
+    def see(self, output: Any) -> None:
+        for completion in output.outputs:
+            self.completion_tokens += len(completion.token_ids)
+            self.finish_reason = completion.finish_reason or self.finish_reason
+            if self._keep_text:
+                self._text.append(completion.text)
+        seconds = getattr(output, "engine_seconds", None)
+        if seconds is not None:
+            self.engine_seconds = max(seconds, self.engine_seconds or 0.0)
+
+    async def watch(self, first: Indexed, rest: AsyncIterator[Indexed]) -> AsyncIterator[Indexed]:
+        """first, then rest, each counted; a failure is kept (for its status) and raised on to vLLM."""
+        self.see(first[1])
+        yield first
+        try:
+            async for indexed in rest:
+                self.see(indexed[1])
+                yield indexed
+        except Exception as exc:
+            self.error = as_openai_error(exc)
+            raise
+
+    def chunk(self, data: str, finished: bool = False) -> ResponseChunk:
+        text = "".join(self._text)
+        self._text.clear()
+        return ResponseChunk(
+            data,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.finish_reason if finished else None,
+            finished,
+            self.engine_seconds if finished else None,
+            self.error.status_code if self.error else None,
+            text,
+        )
 
 
-async def assemble_text(
-    tokenizer, prepared: PreparedRequest, token_chunks: AsyncIterator[TokenChunk]
-) -> AsyncIterator[TextChunk]:
-    """Yield text chunks until the engine or a stop string finishes the request."""
-    output = TextAssembler(tokenizer, prepared)
-    async for token_chunk in token_chunks:
-        text_chunk = output.add(token_chunk)
-        if text_chunk is not None:
-            yield text_chunk
-        if output.finish_reason is not None:
-            return
+async def outputs_only(indexed: AsyncIterator[Indexed]) -> AsyncIterator[Any]:
+    async for _, output in indexed:
+        yield output
 
 
-def within_cold_start(token_chunks: AsyncIterator[TokenChunk], route: ModelRoute) -> AsyncIterator[TokenChunk]:
-    """The engine's chunks; for a model that scales to zero, the first one bounded by its cold-start limit.
+class ResponseShaper:
+    """One model's vLLM chat and completion serving classes, fed by the engine stage's outputs."""
 
-    Other models get the engine stream itself: no extra generator on the per-chunk path.
-    """
-    if route.cold_start_timeout_s is None:
-        return token_chunks
-    return _first_within(token_chunks, Deadline(route.cold_start_timeout_s, lambda: model_starting(route)))
+    def __init__(self, frontend: Frontend) -> None:
+        self._frontend = frontend
+        self._tokenizer = frontend.tokenizer
+        self._chat, self._completion = frontend.serving()
 
+    def _engine_inputs(self, prepared: PreparedRequest) -> list[dict[str, Any]]:
+        return [
+            {"type": "token", "prompt_token_ids": r.prompt_token_ids, "prompt": text}
+            for r, text in zip(prepared.engine_requests, prepared.prompt_texts, strict=True)
+        ]
 
-async def _first_within(token_chunks: AsyncIterator[TokenChunk], cold_start: Deadline) -> AsyncIterator[TokenChunk]:
-    iterator = aiter(token_chunks)
-    try:
-        yield await cold_start.run(anext(iterator))
-    except StopAsyncIteration:
-        return
-    async for chunk in iterator:
-        yield chunk
+    def _metadata(self, prepared: PreparedRequest):
+        from vllm.entrypoints.generate.base.protocol import RequestResponseMetadata
+
+        return RequestResponseMetadata(request_id=prepared.response_id)
+
+    def _chat_template_kwargs(self, request: Any) -> dict[str, Any]:
+        return self._frontend.online_renderer.effective_chat_template_kwargs(request)
+
+    async def _first_output(self, prepared: PreparedRequest, outputs: AsyncIterator[Indexed]) -> Indexed:
+        """Awaited before anything is sent on: overload, a dead replica or a cold start still fail
+        as errors the ingress answers with a status or a fallback."""
+        route = prepared.route
+        try:
+            if route.cold_start_timeout_s is None:
+                return await anext(outputs)
+            return await Deadline(route.cold_start_timeout_s, lambda: model_starting(route)).run(anext(outputs))
+        except BackPressureError as exc:  # the engine's queue is full: an OpenAI 503 crosses Ray intact
+            raise as_openai_error(exc) from None
+
+    async def stream(self, prepared: PreparedRequest, rest: AsyncIterator[Indexed]) -> AsyncIterator[ResponseChunk]:
+        """SSE events as vLLM's server streams them, from the engine's (prompt index, output) stream."""
+        tally = OutputTally(prepared)
+        outputs = tally.watch(await self._first_output(prepared, rest), rest)
+        request = prepared.request
+        if is_chat(request):
+            events = self._chat.chat_completion_stream_generator(
+                request,
+                outputs_only(outputs),
+                prepared.response_id,
+                prepared.model_name,
+                prepared.conversation or [],
+                self._tokenizer,
+                self._metadata(prepared),
+                chat_template_kwargs=self._chat_template_kwargs(request),
+            )
+        else:
+            events = self._completion.completion_stream_generator(
+                request,
+                self._engine_inputs(prepared),
+                outputs,
+                prepared.response_id,
+                int(time.time()),
+                prepared.model_name,
+                num_prompts=len(prepared.engine_requests),
+                tokenizer=self._tokenizer,
+                request_metadata=self._metadata(prepared),
+            )
+        async for event in events:
+            if tally.error is not None and event.startswith(ERROR_EVENT_PREFIX):
+                event = f"data: {json.dumps(tally.error.body())}\n\n"  # our status and code, not vLLM's 400
+            yield tally.chunk(event, finished=event == DONE_EVENT)
+
+    async def complete(self, prepared: PreparedRequest, rest: AsyncIterator[Indexed]) -> ResponseChunk:
+        """The whole response body, as vLLM's server answers a request that does not stream."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        tally = OutputTally(prepared)
+        outputs = tally.watch(await self._first_output(prepared, rest), rest)
+        request = prepared.request
+        if is_chat(request):
+            parser = None
+            if self._chat.parser_cls is not None:
+                parser = self._chat._make_parser(request, self._tokenizer, self._chat_template_kwargs(request))
+            response = await self._chat.chat_completion_full_generator(
+                request,
+                outputs_only(outputs),
+                prepared.response_id,
+                prepared.model_name,
+                prepared.conversation or [],
+                self._tokenizer,
+                self._metadata(prepared),
+                parser=parser,
+            )
+        else:
+            finals: list[Any] = [None] * len(prepared.engine_requests)
+            async for index, output in outputs:
+                finals[index] = output
+            for output, text in zip(finals, prepared.prompt_texts, strict=True):
+                output.prompt = output.prompt if output.prompt is not None else text
+            response = self._completion.request_output_to_completion_response(
+                finals,
+                request,
+                prepared.response_id,
+                int(time.time()),
+                prepared.model_name,
+                self._tokenizer,
+                self._metadata(prepared),
+            )
+        if isinstance(response, ErrorResponse):
+            raise from_vllm_error(response)
+        return tally.chunk(response.model_dump_json(), finished=True)
 
 
 def model_starting(route: ModelRoute) -> ModelStartingError:
@@ -146,27 +201,31 @@ def model_starting(route: ModelRoute) -> ModelStartingError:
 
 @serve.deployment(name="postprocess", ray_actor_options={"num_cpus": 0.25})
 class Postprocess:
-    """Pulls token ids from the engine chosen by the router and streams text onward.
-
-    Owning the engine stream here keeps one Ray message per chunk per hop; non-streaming
-    requests get one reply for the whole output.
-    """
+    """Pulls outputs from the engine replicas Serve picks and shapes them into the client's response."""
 
     def __init__(self, specs: list[ModelSpec], engines: dict[str, DeploymentHandle], cache_dir: str | None = None):
         cache = Path(cache_dir) if cache_dir else None
-        self._tokenizers = {spec.engine_deployment_name: load_tokenizer(spec, cache) for spec in specs}
+        self._shapers = {spec.engine_deployment_name: ResponseShaper(build_frontend(spec, cache)) for spec in specs}
         self._engines = {name: handle.options(stream=True) for name, handle in engines.items()}
 
-    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextChunk]:
-        route = prepared.route
-        token_chunks = self._engines[route.engine].generate.remote(prepared.engine_request)
-        started = within_cold_start(token_chunks, route)
-        text_chunks = assemble_text(self._tokenizers[route.engine], prepared, started)
-        try:
-            async for text_chunk in until_finished(token_chunks, text_chunks):
-                yield text_chunk
-        except BackPressureError as exc:  # the engine's queue is full: an OpenAI 503 crosses Ray intact
-            raise as_openai_error(exc) from None
+    def _outputs(self, prepared: PreparedRequest):
+        return self._engines[prepared.route.engine].generate.remote(prepared.engine_requests)
 
-    async def complete(self, prepared: PreparedRequest) -> TextChunk:
-        return merge_chunks([chunk async for chunk in self.stream(prepared)])
+    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[ResponseChunk]:
+        outputs = self._outputs(prepared)
+        finished = False
+        try:
+            async for chunk in self._shapers[prepared.route.engine].stream(prepared, outputs):
+                finished = chunk.finished
+                yield chunk
+        finally:
+            if not finished:  # client gone, deadline or failure: abort the engine request
+                outputs.cancel()
+
+    async def complete(self, prepared: PreparedRequest) -> ResponseChunk:
+        outputs = self._outputs(prepared)
+        try:
+            return await self._shapers[prepared.route.engine].complete(prepared, outputs)
+        except BaseException:
+            outputs.cancel()
+            raise

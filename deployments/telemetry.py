@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pydantic import BaseModel
 
 from deployments.errors import as_openai_error
-from deployments.messages import TextChunk
+from deployments.messages import ResponseChunk
 
 # A child of Serve's logger, so lines land in the replica's log file in Serve's encoding
 # (JSON when the Serve config's logging_config says so) with Serve's request_id attached.
@@ -143,11 +143,11 @@ class RequestTrace:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
 
-    def text(self, chunk: TextChunk) -> None:
+    def text(self, chunk: ResponseChunk) -> None:
         if self.completion_parts is not None:
             self.completion_parts.append(chunk.text)
 
-    def finish(self, status: int, last: TextChunk | None = None) -> None:
+    def finish(self, status: int, last: ResponseChunk | None = None) -> None:
         self.observe(
             RequestRecord(
                 request_id=self.request_id,

@@ -1,120 +1,150 @@
-"""Tokenizer stage: chat template, encoding, token counting and the long-prompt policy."""
+"""Tokenizer stage: vLLM's renderer (chat template, tools, tokenization) and sampling parameters.
+
+Requests arrive parsed as vLLM's protocol models; this stage renders them exactly as
+`vllm serve` would, applies the model's long-prompt policy through vLLM's own truncation
+fields, and turns each prompt into an engine request of token ids and vLLM SamplingParams.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
 from ray import serve
 
-from deployments.errors import BadRequestError, ContextLengthExceededError, invalid_field
-from deployments.messages import EngineRequest, ModelRoute, PreparedRequest, SamplingSettings
-from deployments.protocol import ChatCompletionRequest, CompletionRequest
-from models.build import resolve_model_source
+from deployments.errors import BadRequestError, ContextLengthExceededError, from_vllm_error
+from deployments.frontend import Frontend, build_frontend
+from deployments.messages import EngineRequest, ModelRoute, PreparedRequest
+from deployments.protocol import as_bad_request, is_chat, parse_vllm
 from models.spec import LongPromptPolicy, ModelSpec
 
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-def load_tokenizer(spec: ModelSpec, cache_dir: Path | None = None):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_model_source(spec, cache_dir))
+TRUNCATION_SIDE = {LongPromptPolicy.truncate_left: "left", LongPromptPolicy.truncate_right: "right"}
 
 
 class PromptTokenizer:
     """Turns one model's OpenAI requests into engine requests that fit its context."""
 
-    def __init__(self, spec: ModelSpec, tokenizer) -> None:
+    def __init__(self, spec: ModelSpec, frontend: Frontend) -> None:
         self.spec = spec
-        self.tokenizer = tokenizer
-        self._vocab_size = len(tokenizer)
-        # The engine has no tokenizer (skip_tokenizer_init), so EOS must be named explicitly;
-        # vLLM's ignore_eos does not cover explicit stop_token_ids.
-        self._stop_token_ids = tuple(i for i in [tokenizer.eos_token_id] if i is not None)
+        self.frontend = frontend
+        self.tokenizer = frontend.tokenizer
+        self._vocab_size = len(self.tokenizer)
+        self._max_model_len = frontend.model_config.max_model_len
+        generation_defaults = frontend.model_config.get_diff_sampling_param()
+        # Chat requests without max_tokens get the spec's default, shrunk to the context the prompt leaves.
+        self._chat_defaults = {"max_tokens": spec.default_max_tokens, **generation_defaults}
+        self._completion_defaults = generation_defaults
 
-    def prepare(
-        self,
-        route: ModelRoute,
-        request: CompletionRequest | ChatCompletionRequest,
-        request_id: str,
-        priority: int = 0,
-    ) -> PreparedRequest:
+    async def prepare(self, route: ModelRoute, request: Any, request_id: str, priority: int = 0) -> PreparedRequest:
         """priority: vLLM's, lower first (see graphs.config.PriorityClass)."""
-        if isinstance(request, ChatCompletionRequest):
-            prompt_ids, param = self._encode_chat(request), "messages"
-            requested, default = request.requested_max_tokens, self.spec.default_max_tokens
-        else:
-            prompt_ids, param = self._encode_completion(request), "prompt"
-            requested, default = request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS
-        prompt_ids, max_tokens, truncated = self.fit_context(prompt_ids, requested, default, param)
-        if (request.min_tokens or 0) > max_tokens:  # vLLM refuses it too, but as the engine's failure
-            source = "" if requested is not None else ", the default for this request"
-            raise BadRequestError(
-                f"min_tokens={request.min_tokens} must be at most max_tokens ({max_tokens}{source}).",
-                param="min_tokens",
-            )
-        sampling = SamplingSettings(
-            max_tokens=max_tokens,
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            presence_penalty=request.presence_penalty or 0.0,
-            frequency_penalty=request.frequency_penalty or 0.0,
-            seed=request.seed,
-            ignore_eos=request.ignore_eos,
-            top_k=request.top_k or 0,
-            min_tokens=request.min_tokens or 0,
-            repetition_penalty=request.repetition_penalty or 1.0,
-            stop_token_ids=() if request.ignore_eos else self._stop_token_ids,
-        )
+        from vllm.exceptions import VLLMClientError
+
+        chat = is_chat(request)
+        param = "messages" if chat else "prompt"
+        self._apply_long_prompt_policy(request, chat)
+        try:
+            conversation, inputs = await self._render(request, chat)
+            engine_requests = [
+                self._engine_request(request, chat, f"{request_id}-{i}" if len(inputs) > 1 else request_id,
+                                     self._token_ids(engine_input, chat), priority)
+                for i, engine_input in enumerate(inputs)
+            ]  # fmt: skip
+        except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's own validation of the request
+            error = as_bad_request(exc, param_named_by(exc, request) or param)
+            if isinstance(error, ContextLengthExceededError):
+                error.param = param
+            raise error from None
         return PreparedRequest(
             route=route,
-            engine_request=EngineRequest(request_id, prompt_ids, sampling, priority),
-            stop_strings=tuple(request.stop_strings),
-            truncated_tokens=truncated,
+            request=request,
+            engine_requests=engine_requests,
+            prompt_texts=[engine_input.get("prompt") for engine_input in inputs],
+            conversation=conversation,
+            response_id=request_id,
+            model_name=request.model,
         )
 
-    def fit_context(
-        self, prompt_ids: list[int], requested: int | None, default: int, param: str
-    ) -> tuple[list[int], int, int]:
-        """Apply max_tokens limits and the long-prompt policy.
+    def _apply_long_prompt_policy(self, request: Any, chat: bool) -> None:
+        """truncate_left/right become vLLM's truncation fields unless the request set its own."""
+        side = TRUNCATION_SIDE.get(self.spec.long_prompt)
+        if side is None or request.truncate_prompt_tokens is not None:
+            return
+        request.truncate_prompt_tokens = -1  # vLLM: whatever max_model_len minus max_tokens leaves
+        request.truncation_side = side
+        if chat and request.max_tokens is None and request.max_completion_tokens is None:
+            request.max_tokens = self.spec.default_max_tokens  # room for the default completion
 
-        Returns the prompt ids to send, the max_tokens to use and how many prompt tokens
-        were cut. An explicit max_tokens is never shrunk; the default one shrinks to
-        whatever context the prompt leaves.
-        """
-        limit = self.spec.max_model_len
-        if requested is not None and requested >= limit:
+    async def _render(self, request: Any, chat: bool) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]]]:
+        from jinja2 import TemplateError
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        renderer = self.frontend.online_renderer
+        try:
+            result = await (renderer.render_chat(request) if chat else renderer.render_completion(request))
+        except TemplateError as exc:  # template errors are the client's (e.g. roles the template refuses)
+            raise BadRequestError(f"The chat template rejected these messages: {exc}", param="messages") from None
+        if isinstance(result, ErrorResponse):
+            raise from_vllm_error(result)
+        return result if chat else (None, result)
+
+    def _token_ids(self, engine_input: dict[str, Any], chat: bool) -> list[int]:
+        token_ids = list(engine_input.get("prompt_token_ids") or [])
+        param = "messages" if chat else "prompt"
+        if not token_ids:
+            raise BadRequestError("The prompt is empty.", param=param)
+        return self._known_token_ids(token_ids, param)
+
+    def _engine_request(
+        self, request: Any, chat: bool, request_id: str, token_ids: list[int], priority: int
+    ) -> EngineRequest:
+        from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
+
+        defaults = self._chat_defaults if chat else self._completion_defaults
+        requested = (request.max_completion_tokens or request.max_tokens) if chat else request.max_tokens
+        if requested is not None and requested >= self._max_model_len:
             raise BadRequestError(
                 f"max_tokens={requested} is beyond this model's limit: it must be less than the "
-                f"context length of {limit} tokens.",
-                param="max_tokens",
+                f"context length of {self._max_model_len} tokens.",
+                param="max_completion_tokens" if chat and request.max_completion_tokens else "max_tokens",
             )
-        n_prompt = len(prompt_ids)
-        if n_prompt == 0:
-            raise BadRequestError("The prompt is empty.", param=param)
-        max_tokens = requested or min(default, limit - 1)
-        if n_prompt + max_tokens <= limit:
-            return prompt_ids, max_tokens, 0
-        if requested is None and n_prompt < limit:
-            return prompt_ids, limit - n_prompt, 0
-        keep = limit - max_tokens
-        policy = self.spec.long_prompt
-        if policy is LongPromptPolicy.reject:
+        token_ids = self._truncated(token_ids, requested or 1)
+        if requested is not None and len(token_ids) + requested > self._max_model_len:
             raise ContextLengthExceededError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
-                "Please reduce the length of the prompt or max_tokens.",
-                param=param,
+                f"This model's maximum context length is {self._max_model_len} tokens. However, you requested "
+                f"{len(token_ids) + requested} tokens ({len(token_ids)} in the prompt, {requested} for the "
+                "completion). Please reduce the length of the prompt or max_tokens.",
+                param="messages" if chat else "prompt",
             )
-        kept = prompt_ids[-keep:] if policy is LongPromptPolicy.truncate_left else prompt_ids[:keep]
-        return kept, max_tokens, n_prompt - keep
+        max_tokens = get_max_tokens(self._max_model_len, requested, len(token_ids), defaults)
+        params = request.to_sampling_params(max_tokens, defaults)
+        params.stream_interval = self.spec.stream_interval
+        reasoning: dict[str, Any] = {}
+        if chat:
+            reasoning = self._reasoning_kwargs(request, token_ids)
+        return EngineRequest(request_id, token_ids, params, priority, **reasoning)
 
-    def _encode_completion(self, request: CompletionRequest) -> list[int]:
-        if isinstance(request.prompt, str):
-            return self.tokenizer.encode(request.prompt, add_special_tokens=True)
-        return self._known_token_ids(request.prompt, "prompt")
+    def _truncated(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        """The model's truncation policy on token ids (vLLM's truncation fields cover text prompts only)."""
+        side = TRUNCATION_SIDE.get(self.spec.long_prompt)
+        keep = self._max_model_len - max_tokens
+        if side is None or len(token_ids) <= keep:
+            return token_ids
+        return token_ids[-keep:] if side == "left" else token_ids[:keep]
+
+    def _reasoning_kwargs(self, request: Any, token_ids: list[int]) -> dict[str, Any]:
+        """What vLLM's chat server hands its engine for structured outputs after reasoning."""
+        renderer = self.frontend.online_renderer
+        parser_cls = renderer.parser
+        if parser_cls is None or parser_cls.reasoning_parser_cls is None:
+            return {"reasoning_ended": request.resolve_reasoning_ended(None, token_ids)}
+        template_kwargs = renderer.effective_chat_template_kwargs(request)
+        parser = parser_cls(
+            self.tokenizer, request.tools, chat_template_kwargs=template_kwargs, model_config=renderer.model_config
+        )
+        return {
+            "reasoning_ended": request.resolve_reasoning_ended(parser, token_ids),
+            "reasoning_parser_kwargs": {"chat_template_kwargs": template_kwargs},
+        }
 
     def _known_token_ids(self, token_ids: list[int], param: str) -> list[int]:
         bad = [i for i in token_ids if not 0 <= i < self._vocab_size]
@@ -122,17 +152,13 @@ class PromptTokenizer:
             raise BadRequestError(f"{param} token ids must be in [0, {self._vocab_size}); got {bad[:5]}", param=param)
         return list(token_ids)
 
-    def _encode_chat(self, request: ChatCompletionRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-        return self._render_chat(messages, add_generation_prompt=True)
-
     def _render_chat(
         self, messages: list[dict[str, Any]], add_special_tokens: bool = False, **template_kwargs: Any
     ) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
         except Exception as exc:  # template errors are the client's (e.g. roles the template refuses)
-            raise BadRequestError(f"The chat template rejected these messages: {exc}", param="messages") from exc
+            raise BadRequestError(f"The chat template rejected these messages: {exc}", param="messages") from None
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -175,23 +201,17 @@ class PromptTokenizer:
         return DetokenizeResponse(prompt=self.tokenizer.decode(token_ids)).model_dump()
 
 
+def param_named_by(exc: Exception, request: Any) -> str | None:
+    """The request field a vLLM error message starts with ("min_tokens must be ..."), if any."""
+    first_word = str(exc).split(" ", 1)[0]
+    return first_word if first_word in type(request).model_fields else None
+
+
 def message_text(content: Any) -> Any:
     """A chat message's content as the template sees it: text parts joined, anything else as sent."""
     if isinstance(content, list):
         return "".join(part.get("text", "") for part in content if isinstance(part, dict))
     return content
-
-
-def parse_vllm(model: type, body: dict[str, Any]):
-    """body as one of vLLM's protocol models; what it refuses is a 400 naming the field."""
-    from vllm.exceptions import VLLMValidationError
-
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise invalid_field(exc.errors()) from None
-    except VLLMValidationError as exc:
-        raise BadRequestError(str(exc), param=exc.parameter) from None
 
 
 @serve.deployment(name="tokenizer", ray_actor_options={"num_cpus": 0.25})
@@ -201,17 +221,11 @@ class Tokenizer:
     def __init__(self, specs: list[ModelSpec], cache_dir: str | None = None) -> None:
         cache = Path(cache_dir) if cache_dir else None
         self._by_engine = {
-            spec.engine_deployment_name: PromptTokenizer(spec, load_tokenizer(spec, cache)) for spec in specs
+            spec.engine_deployment_name: PromptTokenizer(spec, build_frontend(spec, cache)) for spec in specs
         }
 
-    async def prepare(
-        self,
-        route: ModelRoute,
-        request: CompletionRequest | ChatCompletionRequest,
-        request_id: str,
-        priority: int = 0,
-    ) -> PreparedRequest:
-        return self._by_engine[route.engine].prepare(route, request, request_id, priority)
+    async def prepare(self, route: ModelRoute, request: Any, request_id: str, priority: int = 0) -> PreparedRequest:
+        return await self._by_engine[route.engine].prepare(route, request, request_id, priority)
 
     async def tokenize(self, route: ModelRoute, body: dict[str, Any]) -> dict[str, Any]:
         return self._by_engine[route.engine].tokenize(body)

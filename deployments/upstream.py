@@ -6,12 +6,13 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
 
 from deployments.errors import OpenAIError, OverloadedError, UpstreamError
-from deployments.messages import TextChunk
-from deployments.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.messages import ResponseChunk
+from deployments.protocol import is_chat
 from models.spec import UpstreamSpec
 
 
@@ -36,22 +37,23 @@ class RequestRate:
         return (1 - self._tokens) / self._per_second
 
 
-def upstream_body(spec: UpstreamSpec, request: CompletionRequest | ChatCompletionRequest) -> dict:
-    """The client's request for the upstream: its model id, always streamed, usage included."""
-    body = request.model_dump(exclude_none=True, exclude_defaults=True)
-    return {**body, "model": spec.upstream_model, "stream": True, "stream_options": {"include_usage": True}}
+def upstream_body(spec: UpstreamSpec, request: Any) -> dict:
+    """The client's request for the upstream, as the client sent it, under the upstream's model id.
+
+    Streams always ask for usage, which metering needs; the client sees it only if it asked.
+    """
+    body = {**request.model_dump(exclude_unset=True), "model": spec.upstream_model}
+    if request.stream:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    return body
 
 
-def chunk_text(payload: dict) -> tuple[str, str | None]:
-    if not payload.get("choices"):
-        return "", None
-    choice = payload["choices"][0]
-    text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
-    return text or "", choice.get("finish_reason")
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
 
 
 class UpstreamClient:
-    """Streams one upstream's completions as TextChunks; its failures as OpenAI errors."""
+    """Relays one upstream's responses under the client's model name; its failures as OpenAI errors."""
 
     def __init__(self, spec: UpstreamSpec, http: httpx.AsyncClient) -> None:
         self.spec = spec
@@ -60,26 +62,57 @@ class UpstreamClient:
         api_key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else ""
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    async def stream(self, request: CompletionRequest | ChatCompletionRequest) -> AsyncIterator[TextChunk]:
+    def _admit(self) -> None:
         wait = self._rate.take() if self._rate else None
         if wait is not None:
             raise OverloadedError(f"The rate limit towards upstream `{self.spec.name}` is used up.", retry_after_s=wait)
-        path = "chat/completions" if isinstance(request, ChatCompletionRequest) else "completions"
-        url = f"{self.spec.base_url.rstrip('/')}/{path}"
-        body = upstream_body(self.spec, request)
+
+    def _url(self, request: Any) -> str:
+        path = "chat/completions" if is_chat(request) else "completions"
+        return f"{self.spec.base_url.rstrip('/')}/{path}"
+
+    async def complete(self, request: Any, model_name: str) -> ResponseChunk:
+        self._admit()
+        try:
+            response = await self._http.post(
+                self._url(request), json=upstream_body(self.spec, request), headers=self._headers,
+                timeout=self.spec.timeout_s,
+            )  # fmt: skip
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"Upstream `{self.spec.name}` failed: {type(exc).__name__}: {exc}") from None
+        if response.status_code != 200:
+            raise self._refusal(response.status_code, response.text)
+        payload = response.json()
+        usage = payload.get("usage") or {}
+        finish = next((c.get("finish_reason") for c in payload.get("choices") or []), None)
+        return ResponseChunk(
+            json.dumps({**payload, "model": model_name}),
+            usage.get("prompt_tokens", 0),
+            usage.get("completion_tokens", 0),
+            finish,
+            finished=True,
+            text=choice_text(payload),
+        )
+
+    async def stream(self, request: Any, model_name: str) -> AsyncIterator[ResponseChunk]:
+        self._admit()
+        wants_usage = bool(request.stream_options and request.stream_options.include_usage)
         try:
             async with self._http.stream(
-                "POST", url, json=body, headers=self._headers, timeout=self.spec.timeout_s
-            ) as response:
+                "POST", self._url(request), json=upstream_body(self.spec, request), headers=self._headers,
+                timeout=self.spec.timeout_s,
+            ) as response:  # fmt: skip
                 if response.status_code != 200:
                     raise self._refusal(response.status_code, (await response.aread()).decode(errors="replace"))
-                async for chunk in self._chunks(response):
+                async for chunk in self._chunks(response, model_name, wants_usage):
                     yield chunk
         except httpx.HTTPError as exc:
             raise UpstreamError(f"Upstream `{self.spec.name}` failed: {type(exc).__name__}: {exc}") from None
 
-    async def _chunks(self, response: httpx.Response) -> AsyncIterator[TextChunk]:
-        """Text as it comes; then one empty chunk with the finish reason and usage, which arrives last."""
+    async def _chunks(
+        self, response: httpx.Response, model_name: str, wants_usage: bool
+    ) -> AsyncIterator[ResponseChunk]:
+        """Each event under the client's model name; [DONE] last, with the finish reason and usage."""
         prompt_tokens = completion_tokens = 0
         finish_reason: str | None = None
         async for line in response.aiter_lines():
@@ -91,13 +124,14 @@ class UpstreamClient:
             usage = payload.get("usage") or {}
             prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
             completion_tokens = usage.get("completion_tokens", completion_tokens)
-            text, finish = chunk_text(payload)
-            finish_reason = finish or finish_reason
-            if text:
-                yield TextChunk(text, prompt_tokens, completion_tokens)
+            choices = payload.get("choices") or []
+            finish_reason = next((c["finish_reason"] for c in choices if c.get("finish_reason")), finish_reason)
+            if choices or wants_usage:
+                event = sse(json.dumps({**payload, "model": model_name}))
+                yield ResponseChunk(event, prompt_tokens, completion_tokens, text=choice_text(payload))
         if finish_reason is None:
             raise UpstreamError(f"Upstream `{self.spec.name}` ended the stream before finishing.")
-        yield TextChunk("", prompt_tokens, completion_tokens, finish_reason)
+        yield ResponseChunk(sse("[DONE]"), prompt_tokens, completion_tokens, finish_reason, finished=True)
 
     def _refusal(self, status: int, text: str) -> OpenAIError:
         if status == 429:
@@ -109,3 +143,12 @@ class UpstreamClient:
         except (ValueError, KeyError, TypeError):
             message = text[:300]
         return OpenAIError(f"Upstream `{self.spec.name}`: {message}", status_code=status, code="upstream_rejected")
+
+
+def choice_text(payload: dict) -> str:
+    """The text of a response or stream event's choices: completions' text, chat's content or delta."""
+    parts = []
+    for choice in payload.get("choices") or []:
+        message = choice.get("message") or choice.get("delta") or {}
+        parts.append(choice.get("text") or message.get("content") or "")
+    return "".join(parts)

@@ -16,11 +16,23 @@ from models.spec import LocalBuildRecipe, ModelSpec
 
 CORPUS_PATH = Path(__file__).with_name("corpus.txt")
 SPECIAL_TOKENS = ["<|end|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# Tool-call and reasoning markers as vLLM's hermes tool parser and <think> reasoning parsers read them:
+# ordinary added tokens (not special), so detokenizing keeps them in the text those parsers see.
+MARKUP_TOKENS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
 EOS_TOKEN = "<|end|>"
 PAD_TOKEN = "<|pad|>"
+# Hermes-style tools: offered in a system turn, called as <tool_call>{"name": ..., "arguments": ...}</tool_call>.
 CHAT_TEMPLATE = (
+    '{% if tools %}<|system|>\nYou may call these tools, each as <tool_call>{"name": ..., "arguments": ...}'
+    "</tool_call>:\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|end|>\n{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' }}\n{{ message['content'] }}{{ '<|end|>' }}\n"
+    "{{ '<|' + message['role'] + '|>' }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% elif message['content'] %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "{% for call in message.get('tool_calls') or [] %}<tool_call>{\"name\": \"{{ call['function']['name'] }}\", "
+    "\"arguments\": {{ call['function']['arguments'] if call['function']['arguments'] is string "
+    "else call['function']['arguments'] | tojson }}}</tool_call>{% endfor %}"
+    "{{ '<|end|>' }}\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}\n{% endif %}"
 )
@@ -81,6 +93,7 @@ def _train_tokenizer(recipe: LocalBuildRecipe):
         show_progress=False,
     )
     bpe.train_from_iterator(CORPUS_PATH.read_text(encoding="utf-8").splitlines(), trainer=trainer)
+    bpe.add_tokens(MARKUP_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token=EOS_TOKEN,

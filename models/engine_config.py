@@ -28,7 +28,6 @@ def engine_kwargs(spec: ModelSpec, model_source: str, on_cpu: bool) -> dict[str,
     kwargs: dict[str, Any] = {
         "model": model_source,
         "served_model_name": spec.name,
-        "skip_tokenizer_init": True,
         "dtype": spec.dtype,
         "max_model_len": spec.max_model_len,
         "max_num_seqs": spec.max_num_seqs,

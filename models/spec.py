@@ -26,6 +26,9 @@ class LongPromptPolicy(str, Enum):
     truncate_right = "truncate_right"
 
 
+BUILD_FORMAT = 2  # bumped whenever models.build writes different files for the same recipe
+
+
 class LocalBuildRecipe(StrictModel):
     """A small random-weight Llama plus a locally trained byte-level BPE tokenizer.
 
@@ -52,8 +55,8 @@ class LocalBuildRecipe(StrictModel):
         return self.hidden_size // self.head_dim
 
     def fingerprint(self) -> str:
-        """Content key for the build cache: changes whenever any recipe field changes."""
-        payload = json.dumps(self.model_dump(), sort_keys=True).encode()
+        """Content key for the build cache: changes whenever any recipe field, or the build's format, changes."""
+        payload = json.dumps({**self.model_dump(), "format": BUILD_FORMAT}, sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:12]
 
 
@@ -178,6 +181,14 @@ class ModelSpec(StrictModel):
         "auto",
         description="CPU engines on AMX CPUs: auto requests AMX tile permission in each vLLM process, "
         "off disables vLLM's AMX kernels, vllm leaves vLLM as it is (see models/cpu_amx.py).",
+    )
+    tool_parser: str | None = Field(
+        None,
+        description="vLLM tool-call parser (e.g. hermes, llama3_json) for tool_choice auto, required and named; "
+        "none: requests with tools get plain text.",
+    )
+    reasoning_parser: str | None = Field(
+        None, description="vLLM reasoning parser (e.g. deepseek_r1, qwen3) that fills reasoning_content."
     )
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed through to vLLM as is.")
 

@@ -55,3 +55,23 @@ def tiny_tokenizer(tiny_spec: ModelSpec, model_cache: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(ensure_local_model(tiny_spec.build, model_cache))
+
+
+@pytest.fixture(scope="session")
+def frontend_for(model_cache: Path):
+    """vLLM's front end (renderer, serving classes) for a spec, as each stage builds it; one per context length."""
+    from deployments.frontend import build_frontend
+
+    built = {}
+
+    def frontend(spec: ModelSpec):
+        if spec.max_model_len not in built:
+            built[spec.max_model_len] = build_frontend(spec, model_cache)
+        return built[spec.max_model_len]
+
+    return frontend
+
+
+@pytest.fixture(scope="session")
+def tiny_frontend(tiny_spec: ModelSpec, frontend_for):
+    return frontend_for(tiny_spec)

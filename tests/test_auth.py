@@ -44,10 +44,10 @@ def test_config_refuses_plain_keys_and_silent_defaults():
 
 
 @pytest.fixture
-def client(tiny_spec, tiny_tokenizer):
+def client(tiny_spec, frontend_for):
     roomy = tiny_spec.model_copy(update={"name": "roomy", "aliases": [], "max_model_len": 512})
     tiny = tiny_spec.model_copy(update={"fallbacks": ["roomy"]})
-    stages = InProcessStages([tiny, roomy], tiny_tokenizer, {"engine-tiny-v1": ScriptedEngine(fail_after=0),
+    stages = InProcessStages([tiny, roomy], frontend_for, {"engine-tiny-v1": ScriptedEngine(fail_after=0),
                                                             "engine-roomy-v1": ScriptedEngine()})  # fmt: skip
     directory = TenantDirectory(
         auth(a={"key_hashes": [hash_key("sk-a")], "models": ["tiny"]}, b={"key_hashes": [hash_key("sk-b")]})

@@ -13,7 +13,7 @@ from autoscale.policy import StageKind, engine_scaling, replicas_for_load, stage
 from deployments.errors import EngineCrashedError, RateLimitError
 from deployments.fallback import BreakerState, CircuitBreaker, FallbackChain
 from deployments.ingress import SERVED_BY_HEADER, build_openai_app
-from deployments.protocol import ChatCompletionRequest
+from deployments.protocol import chat_completion_request
 from deployments.router import ModelRegistry, TrafficSplit
 from deployments.upstream import RequestRate, UpstreamClient
 from graphs.config import IngressConfig, LLMAppArgs
@@ -49,8 +49,8 @@ def two_models(tiny_spec):
     return tiny, roomy
 
 
-def chain_client(two_models, tokenizer, engines, clock=None) -> TestClient:
-    stages = InProcessStages(list(two_models), tokenizer, engines)
+def chain_client(two_models, frontend_for, engines, clock=None) -> TestClient:
+    stages = InProcessStages(list(two_models), frontend_for, engines)
     app = build_openai_app(stages, "llm", fallbacks=FallbackChain(clock or FakeClock()))
     return TestClient(app, raise_server_exceptions=False)
 
@@ -58,22 +58,22 @@ def chain_client(two_models, tokenizer, engines, clock=None) -> TestClient:
 BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 3}
 
 
-def test_overloaded_model_falls_back_and_says_who_served(two_models, tiny_tokenizer):
+def test_overloaded_model_falls_back_and_says_who_served(two_models, frontend_for):
     from ray.serve.exceptions import BackPressureError
 
     engines = {"engine-tiny-v1": ScriptedEngine(fail_after=0, error=BackPressureError(1, 1)),
                "engine-roomy-v1": ScriptedEngine()}  # fmt: skip
-    client = chain_client(two_models, tiny_tokenizer, engines)
+    client = chain_client(two_models, frontend_for, engines)
     for stream in (False, True):
         response = client.post("/v1/completions", json={**BODY, "stream": stream})
         assert response.status_code == 200, response.text
         assert response.headers[SERVED_BY_HEADER] == "roomy@v1"
-        assert '"model":"roomy"' in response.text and '"system_fingerprint":"roomy@v1"' in response.text
+        assert '"model":"roomy"' in response.text  # the fallback's name, as it served the request
 
 
-def test_prompt_over_the_context_goes_to_a_longer_model(two_models, tiny_tokenizer):
+def test_prompt_over_the_context_goes_to_a_longer_model(two_models, frontend_for):
     engines = {"engine-tiny-v1": CountingEngine(), "engine-roomy-v1": ScriptedEngine()}
-    client = chain_client(two_models, tiny_tokenizer, engines)
+    client = chain_client(two_models, frontend_for, engines)
     long_prompt = "hello world " * 40
     response = client.post("/v1/completions", json={**BODY, "prompt": long_prompt})
     assert response.status_code == 200 and response.headers[SERVED_BY_HEADER] == "roomy@v1"
@@ -83,20 +83,20 @@ def test_prompt_over_the_context_goes_to_a_longer_model(two_models, tiny_tokeniz
     assert "64 tokens" in too_long.json()["error"]["message"]  # the requested model's error
 
 
-def test_tenant_rate_limit_never_falls_back(two_models, tiny_tokenizer):
+def test_tenant_rate_limit_never_falls_back(two_models, frontend_for):
     roomy = CountingEngine()
     engines = {"engine-tiny-v1": ScriptedEngine(fail_after=0, error=RateLimitError("quota used up")),
                "engine-roomy-v1": roomy}  # fmt: skip
-    response = chain_client(two_models, tiny_tokenizer, engines).post("/v1/completions", json=BODY)
+    response = chain_client(two_models, frontend_for, engines).post("/v1/completions", json=BODY)
     assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limit_exceeded"
     assert roomy.calls == 0
 
 
-def test_request_running_when_its_engine_crashed_is_not_retried_but_counts_on_the_breaker(two_models, tiny_tokenizer):
+def test_request_running_when_its_engine_crashed_is_not_retried_but_counts_on_the_breaker(two_models, frontend_for):
     crash = EngineCrashedError("The model's engine crashed while serving this request (r-1).")
     tiny = CountingEngine(fail_after=0, error=crash)
     roomy = CountingEngine()
-    client = chain_client(two_models, tiny_tokenizer, {"engine-tiny-v1": tiny, "engine-roomy-v1": roomy})
+    client = chain_client(two_models, frontend_for, {"engine-tiny-v1": tiny, "engine-roomy-v1": roomy})
     for stream in (False, True):  # a stream that has sent nothing yet gets a plain error response too
         response = client.post("/v1/completions", json={**BODY, "stream": stream})
         assert response.status_code == 500, response.text
@@ -106,10 +106,10 @@ def test_request_running_when_its_engine_crashed_is_not_retried_but_counts_on_th
     assert served == "roomy@v1"  # two failures opened tiny's breaker, as for any other failure
 
 
-def test_breaker_opens_skips_the_model_then_probes_and_closes(two_models, tiny_tokenizer):
+def test_breaker_opens_skips_the_model_then_probes_and_closes(two_models, frontend_for):
     clock = FakeClock()
     tiny = CountingEngine(fail_after=0)
-    client = chain_client(two_models, tiny_tokenizer, {"engine-tiny-v1": tiny, "engine-roomy-v1": ScriptedEngine()},
+    client = chain_client(two_models, frontend_for, {"engine-tiny-v1": tiny, "engine-roomy-v1": ScriptedEngine()},
                           clock)  # fmt: skip
     served = [client.post("/v1/completions", json=BODY).headers[SERVED_BY_HEADER] for _ in range(4)]
     assert served == ["roomy@v1"] * 4
@@ -140,16 +140,16 @@ def test_breaker_states_with_a_clock():
     assert breaker.state is BreakerState.closed
 
 
-def test_unavailable_everywhere_is_503_from_the_first_model(two_models, tiny_tokenizer):
+def test_unavailable_everywhere_is_503_from_the_first_model(two_models, frontend_for):
     from ray.serve.exceptions import BackPressureError
 
     busy = ScriptedEngine(fail_after=0, error=BackPressureError(1, 1, retry_after_s=2))
-    client = chain_client(two_models, tiny_tokenizer, {"engine-tiny-v1": busy, "engine-roomy-v1": busy})
+    client = chain_client(two_models, frontend_for, {"engine-tiny-v1": busy, "engine-roomy-v1": busy})
     response = client.post("/v1/completions", json=BODY)
     assert response.status_code == 503 and response.headers["retry-after"] == "2"
 
 
-def test_traffic_split_weights_and_stickiness(tiny_spec, tiny_tokenizer):
+def test_traffic_split_weights_and_stickiness(tiny_spec, frontend_for):
     v2 = tiny_spec.model_copy(update={"version": "v2"})
     registry = ModelRegistry([tiny_spec, v2])
     assert {registry.resolve("tiny", f"user-{i}").version for i in range(50)} == {"v1"}  # first version by default
@@ -167,9 +167,9 @@ def test_moving_weight_moves_only_sessions_at_the_boundary():
     assert all(after.pick(u) == "v2" for u in users if before.pick(u) == "v2")
 
 
-def test_sticky_session_header_and_version_in_response(tiny_spec, tiny_tokenizer):
+def test_sticky_session_header_and_version_in_response(tiny_spec, frontend_for):
     v2 = tiny_spec.model_copy(update={"version": "v2"})
-    stages = InProcessStages([tiny_spec, v2], tiny_tokenizer, {"engine-tiny-v1": ScriptedEngine(),
+    stages = InProcessStages([tiny_spec, v2], frontend_for, {"engine-tiny-v1": ScriptedEngine(),
                                                                "engine-tiny-v2": ScriptedEngine()})  # fmt: skip
     stages.registry.set_traffic({"tiny": {"v1": 50, "v2": 50}})
     client = TestClient(build_openai_app(stages), raise_server_exceptions=False)
@@ -220,10 +220,10 @@ def upstream_client(handler, **spec) -> UpstreamClient:
 
 
 async def collect(client: UpstreamClient, request) -> list:
-    return [chunk async for chunk in client.stream(request)]
+    return [chunk async for chunk in client.stream(request, "ext")]
 
 
-def test_upstream_stream_becomes_text_chunks_with_usage():
+def test_upstream_stream_is_relayed_under_the_clients_model_name_with_usage():
     sent = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -235,9 +235,11 @@ def test_upstream_stream_becomes_text_chunks_with_usage():
         )
         return httpx.Response(200, text=body)
 
-    request = ChatCompletionRequest.model_validate({"model": "ext", "messages": [{"role": "user", "content": "hi"}]})
+    request = chat_completion_request({"model": "ext", "messages": [{"role": "user", "content": "hi"}], "stream": True})
     chunks = asyncio.run(collect(upstream_client(handler, api_key_env="HOME"), request))
     assert "".join(c.text for c in chunks) == "Hello"
+    assert [c.data.count('"model": "ext"') for c in chunks] == [1, 1, 0]  # the usage event: not asked for
+    assert chunks[-1].data == "data: [DONE]\n\n" and chunks[-1].finished
     assert (chunks[-1].finish_reason, chunks[-1].prompt_tokens, chunks[-1].completion_tokens) == ("stop", 7, 2)
     assert sent[0].url.path == "/v1/chat/completions" and b'"model":"remote"' in sent[0].content
     assert sent[0].headers["authorization"].startswith("Bearer ")
@@ -248,7 +250,7 @@ def test_upstream_stream_becomes_text_chunks_with_usage():
 )
 def test_upstream_refusals_become_openai_errors(status, code):
     client = upstream_client(lambda request: httpx.Response(status, json={"error": {"message": "no"}}))
-    request = ChatCompletionRequest.model_validate({"model": "ext", "messages": [{"role": "user", "content": "hi"}]})
+    request = chat_completion_request({"model": "ext", "messages": [{"role": "user", "content": "hi"}], "stream": True})
     with pytest.raises(Exception) as caught:
         asyncio.run(collect(client, request))
     assert caught.value.code == code
