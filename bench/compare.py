@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.report import OURS, plot, ratio_table, ratios, table
+from bench.processes import measured
+from bench.report import OURS, plot, process_table, ratio_table, ratios, table
 from bench.targets import ExternalTarget, build_targets, local_model_dir
 from bench.workload import LoadPoint, Workload
 
@@ -70,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     def measure(target: Any, base_url: str, point: LoadPoint) -> dict[str, Any]:
         run_dir = work_dir / target.name
         run_dir.mkdir(exist_ok=True)
-        return workload.run(base_url, target.model, tokenizer, point, run_dir)
+        return measured(
+            lambda: workload.run(base_url, target.model, tokenizer, point, run_dir), lambda r: r["completed"]
+        )
 
     figures = Figures()
     # The report is written after every target: a later crash keeps the figures so far.
@@ -86,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     if OURS in results:
         print("\n" + ratio_table(results))
+    if results:
+        print("\nCPU seconds per 1,000 requests and peak RSS (MiB) of each stage's processes:")
+        print(process_table(results))
     if latency:
         print("\nSequential one-token requests, median ms (graph hops call each stage's handle directly):")
         for name, timings in latency.items():

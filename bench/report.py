@@ -41,6 +41,16 @@ def table(results: Results) -> str:
     return markdown(rows)
 
 
+def process_table(results: Results) -> str:
+    """Per target and load point, each stage's CPU seconds per 1,000 requests and peak RSS."""
+    rows = [["target", "load", "stage", "CPU s / 1k req", "peak RSS MiB"]]
+    for target, points in results.items():
+        for point, summary in points.items():
+            for stage, usage in summary.get("processes", {}).items():
+                rows.append([target, point, stage, f"{usage['cpu_s_per_1k']:.1f}", str(usage["peak_rss_mib"])])
+    return markdown(rows)
+
+
 def ratios(results: Results) -> dict[str, dict[str, dict[str, float]]]:
     """Ours against every other target at every load point: tok/s ratio and TTFT p50 gap in ms."""
     ours = results.get(OURS, {})

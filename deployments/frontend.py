@@ -74,27 +74,26 @@ class Frontend:
     def model_config(self):
         return self.vllm_config.model_config
 
-    def serving(self) -> tuple[Any, Any]:
-        """vLLM's chat and completion serving classes over this front end, for their response generators."""
+    def serving(self) -> tuple[Any, Any, Any]:
+        """vLLM's chat, completion and responses serving classes over this front end, for their response generators."""
         from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
         from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+        from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
 
         shape = EngineShape(self.vllm_config, self.renderer)
         models = model_registry(self.spec, self.model_config)
-        chat = OpenAIServingChat(
-            shape,
-            models,
-            RESPONSE_ROLE,
-            online_renderer=self.online_renderer,
-            request_logger=None,
-            chat_template=None,
-            chat_template_content_format="auto",
-            enable_auto_tools=self.spec.tool_parser is not None,
-            tool_parser=self.spec.tool_parser,
-            reasoning_parser=self.spec.reasoning_parser or "",
-        )
+        parsers = {  # the same template and parsers as the tokenizer stage's renderer
+            "request_logger": None,
+            "chat_template": None,
+            "chat_template_content_format": "auto",
+            "enable_auto_tools": self.spec.tool_parser is not None,
+            "tool_parser": self.spec.tool_parser,
+            "reasoning_parser": self.spec.reasoning_parser or "",
+        }
+        chat = OpenAIServingChat(shape, models, RESPONSE_ROLE, online_renderer=self.online_renderer, **parsers)
         completion = OpenAIServingCompletion(shape, models, online_renderer=self.online_renderer, request_logger=None)
-        return chat, completion
+        responses = OpenAIServingResponses(shape, models, self.online_renderer, **parsers)
+        return chat, completion, responses
 
 
 def model_registry(spec: ModelSpec, model_config):

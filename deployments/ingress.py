@@ -35,7 +35,14 @@ from deployments.errors import (
 )
 from deployments.fallback import FallbackChain
 from deployments.messages import ModelRoute, PreparedRequest, ResponseChunk
-from deployments.protocol import ModelCard, ModelList, chat_completion_request, completion_request, new_id
+from deployments.protocol import (
+    ModelCard,
+    ModelList,
+    chat_completion_request,
+    completion_request,
+    new_id,
+    responses_request,
+)
 from deployments.quota import HandleQuotas, Quotas
 from deployments.router import Link, ModelRegistry, TrafficWeights
 from deployments.streaming import Deadline, until_finished
@@ -428,6 +435,12 @@ def build_openai_app(
         """vLLM's CompletionRequest: every field `vllm serve` takes, with its defaults."""
         request = await parsed(http_request, completion_request, tenant)
         return await generate(http_request, request, "cmpl", tenant)
+
+    @app.post("/v1/responses", response_model=None)
+    async def responses(http_request: Request, tenant: Tenant = Depends(tenant_of)):
+        """vLLM's ResponsesRequest, stateless (no previous_response_id or background): text, streaming, tools."""
+        request = await parsed(http_request, responses_request, tenant)
+        return await generate(http_request, request, "resp", tenant)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(http_request: Request, tenant: Tenant = Depends(tenant_of)):

@@ -20,13 +20,14 @@ from ray.serve.handle import DeploymentHandle
 from deployments.errors import ModelStartingError, OpenAIError, as_openai_error, from_vllm_error
 from deployments.frontend import Frontend, build_frontend
 from deployments.messages import ModelRoute, PreparedRequest, ResponseChunk
-from deployments.protocol import is_chat
+from deployments.protocol import request_kind
 from deployments.streaming import Deadline
 from models.spec import ModelSpec
 
 Indexed = tuple[int, Any]  # (prompt index, vLLM RequestOutput)
 DONE_EVENT = "data: [DONE]\n\n"
 ERROR_EVENT_PREFIX = 'data: {"error"'
+RESPONSE_COMPLETED_PREFIX = "event: response.completed\n"  # the Responses API's last event
 
 
 class OutputTally:
@@ -84,12 +85,12 @@ async def outputs_only(indexed: AsyncIterator[Indexed]) -> AsyncIterator[Any]:
 
 
 class ResponseShaper:
-    """One model's vLLM chat and completion serving classes, fed by the engine stage's outputs."""
+    """One model's vLLM serving classes (chat, completions, responses), fed by the engine stage's outputs."""
 
     def __init__(self, frontend: Frontend) -> None:
         self._frontend = frontend
         self._tokenizer = frontend.tokenizer
-        self._chat, self._completion = frontend.serving()
+        self._chat, self._completion, self._responses = frontend.serving()
 
     def _engine_inputs(self, prepared: PreparedRequest) -> list[dict[str, Any]]:
         return [
@@ -120,34 +121,12 @@ class ResponseShaper:
         """SSE events as vLLM's server streams them, from the engine's (prompt index, output) stream."""
         tally = OutputTally(prepared)
         outputs = tally.watch(await self._first_output(prepared, rest), rest)
-        request = prepared.request
-        if is_chat(request):
-            events = self._chat.chat_completion_stream_generator(
-                request,
-                outputs_only(outputs),
-                prepared.response_id,
-                prepared.model_name,
-                prepared.conversation or [],
-                self._tokenizer,
-                self._metadata(prepared),
-                chat_template_kwargs=self._chat_template_kwargs(request),
-            )
-        else:
-            events = self._completion.completion_stream_generator(
-                request,
-                self._engine_inputs(prepared),
-                outputs,
-                prepared.response_id,
-                int(time.time()),
-                prepared.model_name,
-                num_prompts=len(prepared.engine_requests),
-                tokenizer=self._tokenizer,
-                request_metadata=self._metadata(prepared),
-            )
-        async for event in events:
+        kind = request_kind(prepared.request)
+        events = {"chat": self._chat_events, "completion": self._completion_events, "responses": self._responses_events}
+        async for event in events[kind](prepared, outputs):
             if tally.error is not None and event.startswith(ERROR_EVENT_PREFIX):
                 event = f"data: {json.dumps(tally.error.body())}\n\n"  # our status and code, not vLLM's 400
-            yield tally.chunk(event, finished=event == DONE_EVENT)
+            yield tally.chunk(event, finished=event == DONE_EVENT or event.startswith(RESPONSE_COMPLETED_PREFIX))
 
     async def complete(self, prepared: PreparedRequest, rest: AsyncIterator[Indexed]) -> ResponseChunk:
         """The whole response body, as vLLM's server answers a request that does not stream."""
@@ -155,39 +134,91 @@ class ResponseShaper:
 
         tally = OutputTally(prepared)
         outputs = tally.watch(await self._first_output(prepared, rest), rest)
-        request = prepared.request
-        if is_chat(request):
-            parser = None
-            if self._chat.parser_cls is not None:
-                parser = self._chat._make_parser(request, self._tokenizer, self._chat_template_kwargs(request))
-            response = await self._chat.chat_completion_full_generator(
-                request,
-                outputs_only(outputs),
-                prepared.response_id,
-                prepared.model_name,
-                prepared.conversation or [],
-                self._tokenizer,
-                self._metadata(prepared),
-                parser=parser,
-            )
-        else:
-            finals: list[Any] = [None] * len(prepared.engine_requests)
-            async for index, output in outputs:
-                finals[index] = output
-            for output, text in zip(finals, prepared.prompt_texts, strict=True):
-                output.prompt = output.prompt if output.prompt is not None else text
-            response = self._completion.request_output_to_completion_response(
-                finals,
-                request,
-                prepared.response_id,
-                int(time.time()),
-                prepared.model_name,
-                self._tokenizer,
-                self._metadata(prepared),
-            )
+        kind = request_kind(prepared.request)
+        shapes = {"chat": self._chat_response, "completion": self._completion_response,
+                  "responses": self._responses_response}  # fmt: skip
+        response = await shapes[kind](prepared, outputs)
         if isinstance(response, ErrorResponse):
             raise from_vllm_error(response)
-        return tally.chunk(response.model_dump_json(), finished=True)
+        return tally.chunk(response.model_dump_json(by_alias=kind == "responses"), finished=True)
+
+    def _chat_args(self, prepared: PreparedRequest, outputs: AsyncIterator[Indexed]) -> tuple:
+        """What vLLM's chat stream and full generators both take first."""
+        return (prepared.request, outputs_only(outputs), prepared.response_id, prepared.model_name,
+                prepared.conversation or [], self._tokenizer, self._metadata(prepared))  # fmt: skip
+
+    def _chat_events(self, prepared: PreparedRequest, outputs: AsyncIterator[Indexed]) -> AsyncIterator[str]:
+        template_kwargs = self._chat_template_kwargs(prepared.request)
+        return self._chat.chat_completion_stream_generator(
+            *self._chat_args(prepared, outputs), chat_template_kwargs=template_kwargs
+        )
+
+    def _completion_events(self, prepared: PreparedRequest, outputs: AsyncIterator[Indexed]) -> AsyncIterator[str]:
+        return self._completion.completion_stream_generator(
+            prepared.request,
+            self._engine_inputs(prepared),
+            outputs,
+            prepared.response_id,
+            int(time.time()),
+            prepared.model_name,
+            num_prompts=len(prepared.engine_requests),
+            tokenizer=self._tokenizer,
+            request_metadata=self._metadata(prepared),
+        )
+
+    async def _responses_events(self, prepared: PreparedRequest, outputs: AsyncIterator[Indexed]) -> AsyncIterator[str]:
+        """The Responses API's typed events, framed as vLLM's server frames them (no [DONE])."""
+        context = self._responses_context(prepared)
+        events = self._responses.responses_stream_generator(*self._responses_args(prepared, context, outputs))
+        async for event in events:
+            yield f"event: {event.type}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+
+    async def _chat_response(self, prepared: PreparedRequest, outputs: AsyncIterator[Indexed]):
+        request = prepared.request
+        parser = None
+        if self._chat.parser_cls is not None:
+            parser = self._chat._make_parser(request, self._tokenizer, self._chat_template_kwargs(request))
+        return await self._chat.chat_completion_full_generator(*self._chat_args(prepared, outputs), parser=parser)
+
+    async def _completion_response(self, prepared: PreparedRequest, outputs: AsyncIterator[Indexed]):
+        finals: list[Any] = [None] * len(prepared.engine_requests)
+        async for index, output in outputs:
+            finals[index] = output
+        for output, text in zip(finals, prepared.prompt_texts, strict=True):
+            output.prompt = output.prompt if output.prompt is not None else text
+        return self._completion.request_output_to_completion_response(
+            finals,
+            prepared.request,
+            prepared.response_id,
+            int(time.time()),
+            prepared.model_name,
+            self._tokenizer,
+            self._metadata(prepared),
+        )
+
+    async def _responses_response(self, prepared: PreparedRequest, outputs: AsyncIterator[Indexed]):
+        context = self._responses_context(prepared)
+        return await self._responses.responses_full_generator(*self._responses_args(prepared, context, outputs))
+
+    def _responses_context(self, prepared: PreparedRequest):
+        """vLLM's single-turn Responses context, with the model's tool and reasoning parser."""
+        from vllm.entrypoints.openai.responses.context import SimpleContext
+
+        request = prepared.request
+        parser = self._responses._make_response_parser(request, self._tokenizer, self._chat_template_kwargs(request))
+        if parser is not None:
+            parser.set_prompt_token_ids(prepared.engine_requests[0].prompt_token_ids)
+        return SimpleContext(response_parser=parser)
+
+    def _responses_args(self, prepared: PreparedRequest, context: Any, outputs: AsyncIterator[Indexed]) -> tuple:
+        async def contexts() -> AsyncIterator[Any]:
+            async for _, output in outputs:
+                context.append_output(output)
+                yield context
+
+        sampling_params = prepared.engine_requests[0].sampling_params
+        return (prepared.request, sampling_params, contexts(), context, prepared.model_name, self._tokenizer,
+                self._metadata(prepared))  # fmt: skip
 
 
 def model_starting(route: ModelRoute) -> ModelStartingError:

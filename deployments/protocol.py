@@ -58,8 +58,24 @@ def chat_completion_request(body: dict[str, Any]):
     return parse_vllm(ChatCompletionRequest, body)
 
 
+def responses_request(body: dict[str, Any]):
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    return parse_vllm(ResponsesRequest, body)
+
+
+RequestKind = Literal["completion", "chat", "responses"]
+
+
+def request_kind(request: Any) -> RequestKind:
+    """Which of vLLM's request models this is (they share no base class that says so)."""
+    if hasattr(request, "messages"):
+        return "chat"
+    return "responses" if hasattr(request, "max_output_tokens") else "completion"
+
+
 def is_chat(request: Any) -> bool:
-    return hasattr(request, "messages")
+    return request_kind(request) == "chat"
 
 
 class ModelCard(BaseModel):

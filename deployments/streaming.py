@@ -52,7 +52,8 @@ class Deadline:
         if self._at is None:
             return await awaitable
         try:
-            return await asyncio.wait_for(awaitable, max(self._at - self._loop.time(), 0))
+            async with asyncio.timeout_at(self._at):  # no task per await: this runs once per stream chunk
+                return await awaitable
         except TimeoutError:
             raise self._on_expiry() from None
 

@@ -15,10 +15,11 @@ from ray import serve
 from deployments.errors import BadRequestError, ContextLengthExceededError, from_vllm_error
 from deployments.frontend import Frontend, build_frontend
 from deployments.messages import EngineRequest, ModelRoute, PreparedRequest
-from deployments.protocol import as_bad_request, is_chat, parse_vllm
+from deployments.protocol import as_bad_request, parse_vllm, request_kind
 from models.spec import LongPromptPolicy, ModelSpec
 
 TRUNCATION_SIDE = {LongPromptPolicy.truncate_left: "left", LongPromptPolicy.truncate_right: "right"}
+PROMPT_PARAM = {"chat": "messages", "completion": "prompt", "responses": "input"}  # where a prompt's problems are
 
 
 class PromptTokenizer:
@@ -39,21 +40,31 @@ class PromptTokenizer:
         """priority: vLLM's, lower first (see graphs.config.PriorityClass)."""
         from vllm.exceptions import VLLMClientError
 
-        chat = is_chat(request)
-        param = "messages" if chat else "prompt"
-        self._apply_long_prompt_policy(request, chat)
+        kind = request_kind(request)
+        param = PROMPT_PARAM[kind]
+        refuse_unsupported(request)
         try:
-            conversation, inputs = await self._render(request, chat)
-            engine_requests = [
-                self._engine_request(request, chat, f"{request_id}-{i}" if len(inputs) > 1 else request_id,
-                                     self._token_ids(engine_input, chat), priority)
-                for i, engine_input in enumerate(inputs)
-            ]  # fmt: skip
+            if kind == "responses":
+                return await self._prepare_responses(route, request, request_id, priority)
+            return await self._prepare_completion(route, request, request_id, priority, kind == "chat")
         except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's own validation of the request
             error = as_bad_request(exc, param_named_by(exc, request) or param)
             if isinstance(error, ContextLengthExceededError):
                 error.param = param
             raise error from None
+
+    async def _prepare_completion(
+        self, route: ModelRoute, request: Any, request_id: str, priority: int, chat: bool
+    ) -> PreparedRequest:
+        """Chat and completions requests: one engine request per prompt."""
+        self._apply_long_prompt_policy(request, chat)
+        conversation, inputs = await self._render(request, chat)
+        engine_requests = [
+            self._engine_request(request, chat, f"{request_id}-{i}" if len(inputs) > 1 else request_id,
+                                 self._token_ids(engine_input, PROMPT_PARAM["chat" if chat else "completion"]),
+                                 priority)
+            for i, engine_input in enumerate(inputs)
+        ]  # fmt: skip
         return PreparedRequest(
             route=route,
             request=request,
@@ -63,6 +74,59 @@ class PromptTokenizer:
             response_id=request_id,
             model_name=request.model,
         )
+
+    async def _prepare_responses(
+        self, route: ModelRoute, request: Any, request_id: str, priority: int
+    ) -> PreparedRequest:
+        """The Responses API, stateless: the whole conversation comes in `input`, as from vLLM's render server."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
+
+        for field in ("previous_response_id", "background"):
+            if getattr(request, field):
+                raise BadRequestError(
+                    f"{field} is not supported: this server keeps no responses; send the conversation in `input`.",
+                    param=field,
+                )
+        request.store = False  # nothing is kept between requests (and nothing grows in postprocess)
+        request.request_id = request_id
+        result = await self.frontend.online_renderer.render_responses(request)
+        if isinstance(result, ErrorResponse):
+            raise from_vllm_error(result)
+        token_ids = self._truncated(self._token_ids(result.engine_input, "input"), request.max_output_tokens or 1)
+        requested = request.max_output_tokens
+        self._check_fits(token_ids, requested, "max_output_tokens", "input")
+        max_tokens = get_max_tokens(self._max_model_len, requested, len(token_ids), self._chat_defaults)
+        params = self._verified(request.to_sampling_params(max_tokens, self._chat_defaults))
+        reasoning = self._responses_reasoning(request, params)
+        engine_request = EngineRequest(request_id, token_ids, params, priority, reasoning_parser_kwargs=reasoning)
+        return PreparedRequest(
+            route=route,
+            request=request,
+            engine_requests=[engine_request],
+            prompt_texts=[result.engine_input.get("prompt")],
+            response_id=request_id,
+            model_name=request.model,
+        )
+
+    def _responses_reasoning(self, request: Any, params: Any) -> dict[str, Any] | None:
+        """As vLLM's Responses server: with a reasoning parser, structured output starts after reasoning."""
+        from vllm.config.utils import replace
+        from vllm.sampling_params import StructuredOutputsParams
+
+        renderer = self.frontend.online_renderer
+        parser_cls = renderer.parser
+        if parser_cls is None or parser_cls.reasoning_parser_cls is None:
+            return None
+        template_kwargs = renderer.effective_chat_template_kwargs(request)
+        parser = parser_cls(
+            self.tokenizer, request.tools, chat_template_kwargs=template_kwargs, model_config=renderer.model_config
+        )
+        constraints = params.structured_outputs
+        if isinstance(constraints, StructuredOutputsParams) and constraints.all_non_structural_tag_constraints_none():
+            tag = parser.reasoning_parser.prepare_structured_tag(constraints.structural_tag, None)
+            params.structured_outputs = replace(constraints, structural_tag=tag)
+        return {"chat_template_kwargs": template_kwargs}
 
     def _apply_long_prompt_policy(self, request: Any, chat: bool) -> None:
         """truncate_left/right become vLLM's truncation fields unless the request set its own."""
@@ -87,9 +151,8 @@ class PromptTokenizer:
             raise from_vllm_error(result)
         return result if chat else (None, result)
 
-    def _token_ids(self, engine_input: dict[str, Any], chat: bool) -> list[int]:
+    def _token_ids(self, engine_input: dict[str, Any], param: str) -> list[int]:
         token_ids = list(engine_input.get("prompt_token_ids") or [])
-        param = "messages" if chat else "prompt"
         if not token_ids:
             raise BadRequestError("The prompt is empty.", param=param)
         return self._known_token_ids(token_ids, param)
@@ -101,27 +164,41 @@ class PromptTokenizer:
 
         defaults = self._chat_defaults if chat else self._completion_defaults
         requested = (request.max_completion_tokens or request.max_tokens) if chat else request.max_tokens
-        if requested is not None and requested >= self._max_model_len:
-            raise BadRequestError(
-                f"max_tokens={requested} is beyond this model's limit: it must be less than the "
-                f"context length of {self._max_model_len} tokens.",
-                param="max_completion_tokens" if chat and request.max_completion_tokens else "max_tokens",
-            )
+        max_param = "max_completion_tokens" if chat and request.max_completion_tokens else "max_tokens"
         token_ids = self._truncated(token_ids, requested or 1)
-        if requested is not None and len(token_ids) + requested > self._max_model_len:
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {self._max_model_len} tokens. However, you requested "
-                f"{len(token_ids) + requested} tokens ({len(token_ids)} in the prompt, {requested} for the "
-                "completion). Please reduce the length of the prompt or max_tokens.",
-                param="messages" if chat else "prompt",
-            )
+        self._check_fits(token_ids, requested, max_param, PROMPT_PARAM["chat" if chat else "completion"])
         max_tokens = get_max_tokens(self._max_model_len, requested, len(token_ids), defaults)
-        params = request.to_sampling_params(max_tokens, defaults)
-        params.stream_interval = self.spec.stream_interval
+        params = self._verified(request.to_sampling_params(max_tokens, defaults))
         reasoning: dict[str, Any] = {}
         if chat:
             reasoning = self._reasoning_kwargs(request, token_ids)
         return EngineRequest(request_id, token_ids, params, priority, **reasoning)
+
+    def _verified(self, params: Any) -> Any:
+        """params, checked here as the engine will check them (logprob limits, token ids, grammars),
+        so what the engine would refuse is a 400 before any engine sees it. The check runs on a
+        copy: it resolves the structured-output backend, which the engine must do itself."""
+        config = self.frontend.vllm_config
+        params.clone().verify(config.model_config, None, config.structured_outputs_config, self.tokenizer)
+        params.stream_interval = self.spec.stream_interval
+        return params
+
+    def _check_fits(self, token_ids: list[int], requested: int | None, max_param: str, prompt_param: str) -> None:
+        """400 for a max_tokens beyond the context, or a prompt that leaves it no room."""
+        limit = self._max_model_len
+        if requested is not None and requested >= limit:
+            raise BadRequestError(
+                f"{max_param}={requested} is beyond this model's limit: it must be less than the "
+                f"context length of {limit} tokens.",
+                param=max_param,
+            )
+        if requested is not None and len(token_ids) + requested > limit:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(token_ids) + requested} tokens ({len(token_ids)} in the prompt, {requested} for the "
+                f"completion). Please reduce the length of the prompt or {max_param}.",
+                param=prompt_param,
+            )
 
     def _truncated(self, token_ids: list[int], max_tokens: int) -> list[int]:
         """The model's truncation policy on token ids (vLLM's truncation fields cover text prompts only)."""
@@ -199,6 +276,14 @@ class PromptTokenizer:
         request = parse_vllm(DetokenizeRequest, body)
         token_ids = self._known_token_ids(request.tokens, "tokens")
         return DetokenizeResponse(prompt=self.tokenizer.decode(token_ids)).model_dump()
+
+
+def refuse_unsupported(request: Any) -> None:
+    """Fields vLLM accepts that this graph cannot honour: a 400, never a silently different result."""
+    if getattr(request, "use_beam_search", False):
+        raise BadRequestError("Beam search is not supported by this server.", param="use_beam_search")
+    if getattr(request, "prompt_embeds", None) is not None:
+        raise BadRequestError("prompt_embeds are not supported: engines take token ids.", param="prompt_embeds")
 
 
 def param_named_by(exc: Exception, request: Any) -> str | None:

@@ -10,9 +10,9 @@ from typing import Any
 
 import httpx
 
-from deployments.errors import OpenAIError, OverloadedError, UpstreamError
+from deployments.errors import BadRequestError, OpenAIError, OverloadedError, UpstreamError
 from deployments.messages import ResponseChunk
-from deployments.protocol import is_chat
+from deployments.protocol import request_kind
 from models.spec import UpstreamSpec
 
 
@@ -68,14 +68,21 @@ class UpstreamClient:
             raise OverloadedError(f"The rate limit towards upstream `{self.spec.name}` is used up.", retry_after_s=wait)
 
     def _url(self, request: Any) -> str:
-        path = "chat/completions" if is_chat(request) else "completions"
+        kind = request_kind(request)
+        if kind == "responses":
+            raise BadRequestError(
+                f"The Responses API is served by this graph's own models, not by upstream `{self.spec.name}`.",
+                param="model",
+            )
+        path = "chat/completions" if kind == "chat" else "completions"
         return f"{self.spec.base_url.rstrip('/')}/{path}"
 
     async def complete(self, request: Any, model_name: str) -> ResponseChunk:
+        url = self._url(request)
         self._admit()
         try:
             response = await self._http.post(
-                self._url(request), json=upstream_body(self.spec, request), headers=self._headers,
+                url, json=upstream_body(self.spec, request), headers=self._headers,
                 timeout=self.spec.timeout_s,
             )  # fmt: skip
         except httpx.HTTPError as exc:
@@ -95,11 +102,12 @@ class UpstreamClient:
         )
 
     async def stream(self, request: Any, model_name: str) -> AsyncIterator[ResponseChunk]:
+        url = self._url(request)
         self._admit()
         wants_usage = bool(request.stream_options and request.stream_options.include_usage)
         try:
             async with self._http.stream(
-                "POST", self._url(request), json=upstream_body(self.spec, request), headers=self._headers,
+                "POST", url, json=upstream_body(self.spec, request), headers=self._headers,
                 timeout=self.spec.timeout_s,
             ) as response:  # fmt: skip
                 if response.status_code != 200:

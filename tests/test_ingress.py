@@ -298,3 +298,29 @@ def test_refused_tokenizer_and_sampling_input_names_the_parameter(make_client, p
     response = make_client().post(path, json=body)
     assert response.status_code == status, response.text
     assert response.json()["error"]["param"] == param, response.json()
+
+
+def test_responses_api_answers_and_streams_typed_events(make_client, records):
+    client = make_client()
+    body = {"model": "tiny", "input": "hello", "max_output_tokens": 4}
+    response = client.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert (answer["object"], answer["status"], answer["model"]) == ("response", "incomplete", "tiny")
+    assert answer["incomplete_details"] == {"reason": "max_output_tokens"}
+    [message] = answer["output"]
+    assert message["type"] == "message" and message["content"][0]["text"]
+    assert answer["usage"]["output_tokens"] == 4
+    streamed = client.post("/v1/responses", json={**body, "stream": True})
+    events = [block.split("\n")[0].removeprefix("event: ") for block in streamed.text.split("\n\n") if block]
+    assert events[:2] == ["response.created", "response.in_progress"] and events[-1] == "response.completed"
+    deltas = [json.loads(block.split("\ndata: ")[1])["delta"] for block in streamed.text.split("\n\n")
+              if block.startswith("event: response.output_text.delta")]  # fmt: skip
+    assert "".join(deltas) == message["content"][0]["text"]
+    assert [(r.status, r.completion_tokens) for r in records] == [(200, 4), (200, 4)]
+
+
+@pytest.mark.parametrize("field", [{"previous_response_id": "resp_1"}, {"background": True, "store": True}])
+def test_responses_api_state_is_refused_not_dropped(make_client, field):
+    response = make_client().post("/v1/responses", json={"model": "tiny", "input": "hi", **field})
+    assert response.status_code == 400 and response.json()["error"]["param"] == next(iter(field))

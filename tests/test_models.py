@@ -8,6 +8,8 @@ from models.build import build_local_model, ensure_local_model
 from models.engine_config import cpu_kv_cache_bytes, engine_kwargs, kv_cache_bytes
 from models.spec import LocalBuildRecipe, ModelSpec
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def file_digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
@@ -105,3 +107,35 @@ def test_cpu_amx_modes(monkeypatch):
     assert not torch.cpu._is_amx_tile_supported()
     with pytest.raises(ValidationError):
         ModelSpec(name="m", build=LocalBuildRecipe(), cpu_amx="on")
+
+
+def test_process_guard_sees_a_parent_gone_once_the_child_is_handed_to_another():
+    from models.process_guard import parent_gone
+
+    assert not parent_gone(4242, current_parent=lambda: 4242)
+    assert parent_gone(4242, current_parent=lambda: 1)
+
+
+def test_a_vllm_child_whose_parent_is_killed_exits_with_it(tmp_path):
+    """What happens to a killed replica's engine core: it is a multiprocessing child that loaded the plugin."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = tmp_path / "family.py"
+    script.write_text(
+        "import multiprocessing, time\n"
+        "from models.process_guard import watch_parent\n"
+        "def child():\n    watch_parent()\n    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    multiprocessing.set_start_method('spawn')\n"
+        "    p = multiprocessing.Process(target=child)\n    p.start()\n    print(p.pid, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    child = psutil.Process(int(parent.stdout.readline()))
+    parent.kill()  # SIGKILL: no chance to clean up, as a replica killed by the OOM killer
+    parent.wait()
+    psutil.wait_procs([child], timeout=30)
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE

@@ -119,3 +119,27 @@ def test_errors_survive_pickling_and_ray_wrapping():
         400,
     )
     assert as_openai_error(RuntimeError("boom")).status_code == 500
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"use_beam_search": True, "n": 2}, "use_beam_search"), ({"prompt_embeds": "AAAA"}, "prompt_embeds")],
+)
+def test_what_the_graph_cannot_honour_is_refused_not_ignored(tiny_spec, tiny_frontend, body, param):
+    with pytest.raises(BadRequestError) as info:
+        prepare(tiny_frontend, tiny_spec, {"prompt": "hi", **body})
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "hi", "logprobs": 50}, "logprobs"),
+        ({"prompt": "hi", "logit_bias": {"99999": 5}}, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"regex": "(unclosed"}}, None),
+    ],
+)
+def test_what_the_engine_would_refuse_is_refused_by_the_tokenizer_stage(tiny_spec, tiny_frontend, body, param):
+    with pytest.raises(BadRequestError) as info:
+        prepare(tiny_frontend, tiny_spec, body)
+    assert info.value.status_code == 400 and (param is None or info.value.param == param), info.value.message

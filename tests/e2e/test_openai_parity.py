@@ -332,3 +332,30 @@ def test_lm_eval_local_completions_gives_bare_vllms_log_likelihoods(graph, bare_
     assert [len(choices) for choices in ours] == [3, 2, 3]
     for our_choices, their_choices in zip(ours, theirs, strict=True):
         assert_logprobs_close(our_choices, their_choices)
+
+
+def test_responses_api_text_and_stream_equal_bare_vllms(client, reference):
+    request = dict(model="tiny", input="Tell me a story.", max_output_tokens=12, temperature=0)
+    ours, theirs = client.responses.create(**request), reference.responses.create(**request)
+    assert (ours.output_text, ours.status, ours.usage.output_tokens) == (
+        theirs.output_text, theirs.status, theirs.usage.output_tokens)  # fmt: skip
+    events = list(client.responses.create(stream=True, **request))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == ours.output_text
+
+
+def test_responses_api_function_tools_validate_and_equal_bare_vllms(client, reference):
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS, "strict": True}
+    request = dict(model="tiny", input="Weather in Paris?", max_output_tokens=200, temperature=0, tools=[tool],
+                   tool_choice="required")  # fmt: skip
+
+    def calls(response) -> list[tuple[str, dict]]:
+        return [(item.name, json.loads(item.arguments)) for item in response.output if item.type == "function_call"]
+
+    ours = calls(client.responses.create(**request))
+    [(name, arguments)] = ours
+    assert name == "get_weather" and ours == calls(reference.responses.create(**request))
+    jsonschema.validate(arguments, WEATHER_PARAMETERS)
+    events = list(client.responses.create(stream=True, **request))
+    streamed = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert json.loads(streamed) == arguments
