@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     def measure(target: Any, base_url: str, point: LoadPoint) -> dict[str, Any]:
         run_dir = work_dir / target.name
         run_dir.mkdir(exist_ok=True)
-        return measured(
-            lambda: workload.run(base_url, target.model, tokenizer, point, run_dir), lambda r: r["completed"]
+        return measured(  # CPU per request counts the warm-up requests too: they ran under the sampler
+            lambda: workload.run(base_url, target.model, tokenizer, point, run_dir),
+            lambda result: result["completed"] + workload.warmups(point),
         )
 
     figures = Figures()

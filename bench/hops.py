@@ -59,6 +59,23 @@ async def _measure(base_url: str, model: str, app: str, repeats: int) -> dict[st
         "added by tokenizer hop ms": t["tokenizer"],
         "added by postprocess hop ms": t["postprocess+engine"] - t["engine"],
         "added by proxy+ingress ms": t["http"] - t["tokenizer"] - t["postprocess+engine"],
+        **await _messages_per_token(tokenizer, engine, postprocess, route, model),
+    }
+
+
+STREAM_TOKENS = 64
+
+
+async def _messages_per_token(tokenizer, engine, postprocess, route, model: str) -> dict[str, float]:
+    """Ray messages per generated token of one 64-token stream, per hop: engine -> postprocess -> ingress."""
+    body = {"model": model, "prompt": "Hello there", "max_tokens": STREAM_TOKENS, "ignore_eos": True, "stream": True}
+    prepared = await tokenizer.prepare.remote(route, completion_request(body), "hops-stream")
+    engine_messages = len([item async for item in engine.generate.remote(prepared.engine_requests)])
+    prepared = replace(prepared, engine_requests=[replace(prepared.engine_requests[0], request_id="hops-stream-2")])
+    postprocess_messages = len([item async for item in postprocess.options(stream=True).stream.remote(prepared)])
+    return {
+        "engine->postprocess msgs/token": engine_messages / STREAM_TOKENS,
+        "postprocess->ingress msgs/token": postprocess_messages / STREAM_TOKENS,
     }
 
 

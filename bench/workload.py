@@ -43,6 +43,12 @@ class Workload:
     endpoint: str = "/v1/completions"
     seed: int = 0
 
+    @staticmethod
+    def warmups(point: LoadPoint) -> int:
+        """Requests sent before the measured ones, one per stream: first-request costs (imports,
+        allocations, compiled kernels) stay out of the figures."""
+        return point.concurrency or 8
+
     def command(self, base_url: str, model: str, tokenizer: Path, point: LoadPoint, result_file: Path) -> list[str]:
         load = (
             ["--max-concurrency", str(point.concurrency)]
@@ -57,7 +63,7 @@ class Workload:
             "--random-output-len", str(self.output_len), "--random-range-ratio", str(self.range_ratio),
             "--ignore-eos", "--seed", str(self.seed), "--num-prompts", str(self.num_prompts), *load,
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-            "--save-result", "--result-filename", str(result_file),
+            "--save-result", "--result-filename", str(result_file), "--num-warmups", str(self.warmups(point)),
         ]  # fmt: skip
 
     def run(self, base_url: str, model: str, tokenizer: Path, point: LoadPoint, work_dir: Path) -> dict[str, Any]:

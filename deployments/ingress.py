@@ -42,6 +42,7 @@ from deployments.protocol import (
     completion_request,
     new_id,
     responses_request,
+    warm_protocol,
 )
 from deployments.quota import HandleQuotas, Quotas
 from deployments.router import Link, ModelRegistry, TrafficWeights
@@ -465,6 +466,7 @@ class Ingress:
         usage: UsageConfig,
         quota: DeploymentHandle | None = None,
     ):
+        warm_protocol()
         self._stages = HandleStages(router, tokenizer, postprocess)
         self._telemetry = RequestTelemetry()
         self._tenants = TenantDirectory(auth)

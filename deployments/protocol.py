@@ -8,6 +8,7 @@ the graph's model versions, has a shape of its own.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from typing import Any, Literal
@@ -72,6 +73,13 @@ def request_kind(request: Any) -> RequestKind:
     if hasattr(request, "messages"):
         return "chat"
     return "responses" if hasattr(request, "max_output_tokens") else "completion"
+
+
+def warm_protocol() -> None:
+    """Import vLLM's protocol models now (seconds of imports): at replica start, not in a client's first request."""
+    for parse in (completion_request, chat_completion_request, responses_request):
+        with contextlib.suppress(BadRequestError):
+            parse({})
 
 
 def is_chat(request: Any) -> bool:

@@ -44,3 +44,6 @@ def test_hop_latencies_call_every_stage_of_the_running_graph(graph):
     figures = hop_latencies(graph.base_url, "tiny", app="llm", repeats=3)
     assert {"tokenizer ms", "engine ms", "postprocess+engine ms", "http ms"} <= set(figures)
     assert all(figures[name] > 0 for name in ("tokenizer ms", "engine ms", "postprocess+engine ms", "http ms"))
+    # A 64-token stream: vLLM's stream_interval (8) sends a message per 8 tokens after the first.
+    assert 0 < figures["engine->postprocess msgs/token"] <= 0.25
+    assert 0 < figures["postprocess->ingress msgs/token"] <= 0.5
