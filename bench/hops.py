@@ -14,8 +14,8 @@ from dataclasses import replace
 
 import httpx
 
-from deployments.messages import PreparedRequest
-from deployments.protocol import completion_request
+from deployments.messages import PreparedRequest, Sealed
+from deployments.protocol import ClientRequest
 
 
 async def median_ms(call: Callable[[], Awaitable[object]], repeats: int) -> float:
@@ -35,9 +35,11 @@ async def _measure(base_url: str, model: str, app: str, repeats: int) -> dict[st
         return serve.get_deployment_handle(name, app_name=app)
 
     router, tokenizer, postprocess = handle("router"), handle("tokenizer"), handle("postprocess")
-    request = completion_request({"model": model, "prompt": "Hello there", "max_tokens": 1, "temperature": 0})
+    request = ClientRequest.of(
+        "completion", {"model": model, "prompt": "Hello there", "max_tokens": 1, "temperature": 0}
+    )
     route = (await router.registry.remote()).resolve(model)  # as the ingress does: the registry's copy
-    prepared = await tokenizer.prepare.remote(route, request, "hops")
+    prepared = (await tokenizer.prepare.remote(route, request, "hops")).open()
     engine = handle(route.engine).options(stream=True)
     request_ids = (f"hops-{i}" for i in itertools.count())
 
@@ -51,7 +53,7 @@ async def _measure(base_url: str, model: str, app: str, repeats: int) -> dict[st
     t = {
         "tokenizer": await median_ms(lambda: tokenizer.prepare.remote(route, request, "hops"), repeats),
         "engine": await median_ms(engine_call, repeats),
-        "postprocess+engine": await median_ms(lambda: postprocess.complete.remote(fresh()), repeats),
+        "postprocess+engine": await median_ms(lambda: postprocess.complete.remote(Sealed.of(fresh())), repeats),
         "http": await _one_token_http_ms(base_url, model, repeats),
     }
     return {
@@ -69,10 +71,11 @@ STREAM_TOKENS = 64
 async def _messages_per_token(tokenizer, engine, postprocess, route, model: str) -> dict[str, float]:
     """Ray messages per generated token of one 64-token stream, per hop: engine -> postprocess -> ingress."""
     body = {"model": model, "prompt": "Hello there", "max_tokens": STREAM_TOKENS, "ignore_eos": True, "stream": True}
-    prepared = await tokenizer.prepare.remote(route, completion_request(body), "hops-stream")
+    prepared = (await tokenizer.prepare.remote(route, ClientRequest.of("completion", body), "hops-stream")).open()
     engine_messages = len([item async for item in engine.generate.remote(prepared.engine_requests)])
     prepared = replace(prepared, engine_requests=[replace(prepared.engine_requests[0], request_id="hops-stream-2")])
-    postprocess_messages = len([item async for item in postprocess.options(stream=True).stream.remote(prepared)])
+    stream = postprocess.options(stream=True).stream.remote(Sealed.of(prepared))
+    postprocess_messages = len([item async for item in stream])
     return {
         "engine->postprocess msgs/token": engine_messages / STREAM_TOKENS,
         "postprocess->ingress msgs/token": postprocess_messages / STREAM_TOKENS,

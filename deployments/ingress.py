@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,16 +33,8 @@ from deployments.errors import (
     model_not_found,
 )
 from deployments.fallback import FallbackChain
-from deployments.messages import ModelRoute, PreparedRequest, ResponseChunk
-from deployments.protocol import (
-    ModelCard,
-    ModelList,
-    chat_completion_request,
-    completion_request,
-    new_id,
-    responses_request,
-    warm_protocol,
-)
+from deployments.messages import GenerationCall, ModelRoute, ResponseChunk
+from deployments.protocol import ClientRequest, ModelCard, ModelList, RequestKind, new_id
 from deployments.quota import HandleQuotas, Quotas
 from deployments.router import Link, ModelRegistry, TrafficWeights
 from deployments.streaming import Deadline, until_finished
@@ -55,25 +46,22 @@ from models.spec import UpstreamSpec
 
 logger = logging.getLogger("servegraph.ingress")
 
-OpenAIRequest = Any  # vLLM's CompletionRequest or ChatCompletionRequest, parsed here once
+OpenAIRequest = ClientRequest  # the body as sent; vLLM's models parse it in the tokenizer stage
 
 
 class GraphStages(Protocol):
     """The calls the ingress makes into the rest of the graph."""
 
     async def chain(self, model: str, session_key: str | None) -> list[Link]: ...
-    async def prepare(
-        self, route: ModelRoute, request: OpenAIRequest, request_id: str, priority: int = 0
-    ) -> PreparedRequest: ...
-    def stream(self, prepared: PreparedRequest) -> AsyncIterator[ResponseChunk]: ...
-    async def complete(self, prepared: PreparedRequest) -> ResponseChunk: ...
+    def stream(self, call: GenerationCall) -> AsyncIterator[ResponseChunk]: ...
+    async def complete(self, call: GenerationCall) -> ResponseChunk: ...
     def upstream(self, upstream: UpstreamSpec) -> UpstreamClient: ...
     async def model_list(self) -> ModelList: ...
     async def tokenizer_call(self, method: str, route: ModelRoute, body: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class HandleStages:
-    """GraphStages over Serve deployment handles: one call to prepare, one stream for text.
+    """GraphStages over Serve deployment handles: the tokenizer call (sealed) feeds the postprocess call.
 
     The router owns the model registry; the ingress fetches it once and resolves names,
     traffic splits and fallback chains in-process, which keeps a Ray hop off every request.
@@ -104,18 +92,21 @@ class HandleStages:
     async def chain(self, model: str, session_key: str | None) -> list[Link]:
         return (await self.registry()).chain(model, session_key)
 
-    async def prepare(
-        self, route: ModelRoute, request: OpenAIRequest, request_id: str, priority: int = 0
-    ) -> PreparedRequest:
-        return await self._tokenizer.prepare.remote(route, request, request_id, priority)
+    def _prepared(self, call: GenerationCall):
+        """The tokenizer stage's PreparedRequest, still in Ray's object store: postprocess takes it from there.
 
-    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[ResponseChunk]:
-        chunks = self._postprocess_stream.stream.remote(prepared)
+        The ingress never holds it: no wait for it before the postprocess call, and no vLLM
+        objects (SamplingParams, request models) to unpickle, so this process never imports vLLM.
+        """
+        return self._tokenizer.prepare.remote(call.route, call.request, call.request_id, call.priority, call.model_name)
+
+    async def stream(self, call: GenerationCall) -> AsyncIterator[ResponseChunk]:
+        chunks = self._postprocess_stream.stream.remote(self._prepared(call))
         async for chunk in until_finished(chunks, chunks):
             yield chunk
 
-    async def complete(self, prepared: PreparedRequest) -> ResponseChunk:
-        return await self._postprocess.complete.remote(prepared)
+    async def complete(self, call: GenerationCall) -> ResponseChunk:
+        return await self._postprocess.complete.remote(self._prepared(call))
 
     def upstream(self, upstream: UpstreamSpec) -> UpstreamClient:
         if upstream.name not in self._upstreams:
@@ -271,24 +262,21 @@ class LinkAttempts:
     def _model_name(self, link: Link) -> str:
         return self._request.model if link is self._primary else link.model
 
-    async def _prepare(self, link: Link) -> PreparedRequest:
-        prepared = await self._deadline.run(
-            self._stages.prepare(link.target, self._request, self._response_id, self._priority)
-        )
-        return replace(prepared, model_name=self._model_name(link))
+    def _call(self, link: Link) -> GenerationCall:
+        return GenerationCall(link.target, self._request, self._response_id, self._priority, self._model_name(link))
 
     async def stream(self, link: Link) -> AsyncIterator[ResponseChunk]:
         if isinstance(link.target, UpstreamSpec):
             chunks = self._stages.upstream(link.target).stream(self._request, self._model_name(link))
         else:
-            chunks = self._stages.stream(await self._prepare(link))
+            chunks = self._stages.stream(self._call(link))
         return await open_stream(chunks, self._deadline)
 
     async def complete(self, link: Link) -> ResponseChunk:
         if isinstance(link.target, UpstreamSpec):
             upstream = self._stages.upstream(link.target)
             return await self._deadline.run(upstream.complete(self._request, self._model_name(link)))
-        return await self._deadline.run(self._stages.complete(await self._prepare(link)))
+        return await self._deadline.run(self._stages.complete(self._call(link)))
 
 
 def allowed_links(tenant: Tenant, requested: str, links: list[Link]) -> list[Link]:
@@ -339,7 +327,7 @@ def build_openai_app(
 
     async def generate(http_request: Request, request: OpenAIRequest, id_prefix: str, tenant: Tenant):
         trace = RequestTrace(
-            observe, request_id_of(http_request), application, request.model, bool(request.stream), tenant=tenant.name
+            observe, request_id_of(http_request), application, request.model, request.stream, tenant=tenant.name
         )
         response_id = new_id(id_prefix)
         try:
@@ -420,10 +408,10 @@ def build_openai_app(
         table = await asyncio.to_thread(read_usage, usage_dir)
         return summarize(table, tenant=who, application=application, since=start, until=end)
 
-    async def parsed(http_request: Request, parse: Callable[[dict[str, Any]], OpenAIRequest], tenant: Tenant):
-        """The body as vLLM's request model; a refused body still leaves its record."""
+    async def client_request(http_request: Request, kind: RequestKind, tenant: Tenant) -> ClientRequest:
+        """The body, checked only as far as routing needs; a refused body still leaves its record."""
         try:
-            return parse(await json_object(http_request))
+            return ClientRequest.of(kind, await json_object(http_request))
         except OpenAIError as error:
             trace = RequestTrace(
                 observe, request_id_of(http_request), application, "-", stream=False, tenant=tenant.name
@@ -434,19 +422,19 @@ def build_openai_app(
     @app.post("/v1/completions", response_model=None)
     async def completions(http_request: Request, tenant: Tenant = Depends(tenant_of)):
         """vLLM's CompletionRequest: every field `vllm serve` takes, with its defaults."""
-        request = await parsed(http_request, completion_request, tenant)
+        request = await client_request(http_request, "completion", tenant)
         return await generate(http_request, request, "cmpl", tenant)
 
     @app.post("/v1/responses", response_model=None)
     async def responses(http_request: Request, tenant: Tenant = Depends(tenant_of)):
         """vLLM's ResponsesRequest, stateless (no previous_response_id or background): text, streaming, tools."""
-        request = await parsed(http_request, responses_request, tenant)
+        request = await client_request(http_request, "responses", tenant)
         return await generate(http_request, request, "resp", tenant)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(http_request: Request, tenant: Tenant = Depends(tenant_of)):
         """vLLM's ChatCompletionRequest: tools, response_format, logprobs, n and the rest, as `vllm serve`."""
-        request = await parsed(http_request, chat_completion_request, tenant)
+        request = await client_request(http_request, "chat", tenant)
         return await generate(http_request, request, "chatcmpl", tenant)
 
     return app
@@ -466,7 +454,6 @@ class Ingress:
         usage: UsageConfig,
         quota: DeploymentHandle | None = None,
     ):
-        warm_protocol()
         self._stages = HandleStages(router, tokenizer, postprocess)
         self._telemetry = RequestTelemetry()
         self._tenants = TenantDirectory(auth)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,40 @@ class ModelRoute:
     @property
     def served_by(self) -> str:
         return f"{self.model}@{self.version}"
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """A value pickled by the stage that made it and unpickled only by the stage that uses it.
+
+    The tokenizer's PreparedRequest holds vLLM objects (its request models, SamplingParams).
+    The ingress relays it to postprocess; sealed, the ingress never unpickles them, so it
+    never imports vLLM and torch (about 550 MB per replica).
+    """
+
+    blob: bytes
+
+    @classmethod
+    def of(cls, value: Any) -> Sealed:
+        return cls(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def open(self) -> Any:
+        return pickle.loads(self.blob)
+
+
+@dataclass(frozen=True)
+class GenerationCall:
+    """One attempt at a client's request on one model version: what the tokenizer stage prepares from.
+
+    request is the client's body as the ingress received it (a protocol.ClientRequest);
+    model_name is the name responses carry (the client's, or the fallback's).
+    """
+
+    route: ModelRoute
+    request: Any
+    request_id: str
+    priority: int = 0
+    model_name: str | None = None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import ModelStartingError, OpenAIError, as_openai_error, from_vllm_error
 from deployments.frontend import Frontend, build_frontend
-from deployments.messages import ModelRoute, PreparedRequest, ResponseChunk
+from deployments.messages import ModelRoute, PreparedRequest, ResponseChunk, Sealed
 from deployments.protocol import request_kind
 from deployments.streaming import Deadline
 from models.spec import ModelSpec
@@ -211,8 +211,12 @@ class ResponseShaper:
         return SimpleContext(response_parser=parser)
 
     def _responses_args(self, prepared: PreparedRequest, context: Any, outputs: AsyncIterator[Indexed]) -> tuple:
+        prompt_token_ids = prepared.engine_requests[0].prompt_token_ids
+
         async def contexts() -> AsyncIterator[Any]:
             async for _, output in outputs:
+                if output.prompt_token_ids is None:  # the engine sends them once; vLLM reads them off the last
+                    output.prompt_token_ids = prompt_token_ids
                 context.append_output(output)
                 yield context
 
@@ -242,7 +246,8 @@ class Postprocess:
     def _outputs(self, prepared: PreparedRequest):
         return self._engines[prepared.route.engine].generate.remote(prepared.engine_requests)
 
-    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[ResponseChunk]:
+    async def stream(self, sealed: Sealed) -> AsyncIterator[ResponseChunk]:
+        prepared: PreparedRequest = sealed.open()
         outputs = self._outputs(prepared)
         finished = False
         try:
@@ -253,7 +258,8 @@ class Postprocess:
             if not finished:  # client gone, deadline or failure: abort the engine request
                 outputs.cancel()
 
-    async def complete(self, prepared: PreparedRequest) -> ResponseChunk:
+    async def complete(self, sealed: Sealed) -> ResponseChunk:
+        prepared: PreparedRequest = sealed.open()
         outputs = self._outputs(prepared)
         try:
             return await self._shapers[prepared.route.engine].complete(prepared, outputs)

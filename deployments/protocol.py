@@ -1,16 +1,20 @@
-"""The OpenAI wire format: vLLM's own request models, parsed once at the ingress, and our model list.
+"""The OpenAI wire format: the client's body as the ingress routes it, vLLM's own request models, our model list.
 
 Requests are vLLM's protocol models (`vllm serve` accepts the same bodies, with the same
-defaults and the same 400s); they travel through the graph already parsed. Responses are
-shaped by vLLM's serving classes in the postprocess stage. Only /v1/models, which lists
-the graph's model versions, has a shape of its own.
+defaults and the same 400s), parsed once, in the tokenizer stage. The ingress reads only
+what routing needs (`model`, `stream`, `user`) from the JSON and sends the body on as it
+came: importing vLLM's models would put vLLM and torch (about 700 MB) into every ingress
+replica. Responses are shaped by vLLM's serving classes in the postprocess stage. Only
+/v1/models, which lists the graph's model versions, has a shape of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -75,11 +79,56 @@ def request_kind(request: Any) -> RequestKind:
     return "responses" if hasattr(request, "max_output_tokens") else "completion"
 
 
+PARSERS = {"completion": completion_request, "chat": chat_completion_request, "responses": responses_request}
+
+
 def warm_protocol() -> None:
     """Import vLLM's protocol models now (seconds of imports): at replica start, not in a client's first request."""
-    for parse in (completion_request, chat_completion_request, responses_request):
+    for parse in PARSERS.values():
         with contextlib.suppress(BadRequestError):
             parse({})
+
+
+@dataclass(frozen=True)
+class ClientRequest:
+    """A client's request as the ingress routes it: the endpoint's kind and the JSON body as sent."""
+
+    kind: RequestKind
+    body: dict[str, Any]
+
+    @classmethod
+    def of(cls, kind: RequestKind, body: dict[str, Any]) -> ClientRequest:
+        """400 unless `model` names something: routing needs it before vLLM's models see the body."""
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequestError("`model` is required: this server serves several models.", param="model")
+        return cls(kind, body)
+
+    @property
+    def model(self) -> str:
+        return self.body["model"]
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.body.get("stream"))
+
+    @property
+    def user(self) -> str | None:
+        user = self.body.get("user")
+        return user if isinstance(user, str) else None
+
+    @property
+    def include_usage(self) -> bool:
+        options = self.body.get("stream_options")
+        return isinstance(options, dict) and bool(options.get("include_usage"))
+
+    def parsed(self):
+        """The body as vLLM's request model for this endpoint; 400 naming the field it refuses."""
+        return PARSERS[self.kind](self.body)
+
+    def prompt_json(self) -> str:
+        """The prompt part of the body, for models that log payloads."""
+        return json.dumps({k: self.body[k] for k in ("prompt", "messages", "input") if k in self.body})
 
 
 def is_chat(request: Any) -> bool:

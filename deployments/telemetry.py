@@ -136,7 +136,7 @@ class RequestTrace:
         """Only a model whose spec says log_payloads gets its text into the record."""
         self.served_by, self.version = served_by, version
         if log_payloads:
-            self.prompt = request.model_dump_json(include={"prompt", "messages", "input"})
+            self.prompt = request.prompt_json()
             self.completion_parts = []
 
     def first_token(self) -> None:

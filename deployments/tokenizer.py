@@ -7,6 +7,7 @@ fields, and turns each prompt into an engine request of token ids and vLLM Sampl
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,8 @@ from ray import serve
 
 from deployments.errors import BadRequestError, ContextLengthExceededError, from_vllm_error
 from deployments.frontend import Frontend, build_frontend
-from deployments.messages import EngineRequest, ModelRoute, PreparedRequest
-from deployments.protocol import as_bad_request, parse_vllm, request_kind
+from deployments.messages import EngineRequest, ModelRoute, PreparedRequest, Sealed
+from deployments.protocol import ClientRequest, as_bad_request, parse_vllm
 from models.spec import LongPromptPolicy, ModelSpec
 
 TRUNCATION_SIDE = {LongPromptPolicy.truncate_left: "left", LongPromptPolicy.truncate_right: "right"}
@@ -36,22 +37,35 @@ class PromptTokenizer:
         self._chat_defaults = {"max_tokens": spec.default_max_tokens, **generation_defaults}
         self._completion_defaults = generation_defaults
 
-    async def prepare(self, route: ModelRoute, request: Any, request_id: str, priority: int = 0) -> PreparedRequest:
-        """priority: vLLM's, lower first (see graphs.config.PriorityClass)."""
+    async def prepare(
+        self,
+        route: ModelRoute,
+        client_request: ClientRequest,
+        request_id: str,
+        priority: int = 0,
+        model_name: str | None = None,
+    ) -> PreparedRequest:
+        """The body parsed (once, here) by vLLM's request model, rendered into engine requests.
+
+        priority: vLLM's, lower first (see graphs.config.PriorityClass).
+        """
         from vllm.exceptions import VLLMClientError
 
-        kind = request_kind(request)
+        request = client_request.parsed()
+        kind = client_request.kind
         param = PROMPT_PARAM[kind]
         refuse_unsupported(request)
         try:
             if kind == "responses":
-                return await self._prepare_responses(route, request, request_id, priority)
-            return await self._prepare_completion(route, request, request_id, priority, kind == "chat")
+                prepared = await self._prepare_responses(route, request, request_id, priority)
+            else:
+                prepared = await self._prepare_completion(route, request, request_id, priority, kind == "chat")
         except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's own validation of the request
             error = as_bad_request(exc, param_named_by(exc, request) or param)
             if isinstance(error, ContextLengthExceededError):
                 error.param = param
             raise error from None
+        return replace(prepared, model_name=model_name or request.model)
 
     async def _prepare_completion(
         self, route: ModelRoute, request: Any, request_id: str, priority: int, chat: bool
@@ -309,8 +323,16 @@ class Tokenizer:
             spec.engine_deployment_name: PromptTokenizer(spec, build_frontend(spec, cache)) for spec in specs
         }
 
-    async def prepare(self, route: ModelRoute, request: Any, request_id: str, priority: int = 0) -> PreparedRequest:
-        return await self._by_engine[route.engine].prepare(route, request, request_id, priority)
+    async def prepare(
+        self,
+        route: ModelRoute,
+        request: ClientRequest,
+        request_id: str,
+        priority: int = 0,
+        model_name: str | None = None,
+    ) -> Sealed:
+        """The PreparedRequest, sealed: the ingress relays it to postprocess without unpickling vLLM objects."""
+        return Sealed.of(await self._by_engine[route.engine].prepare(route, request, request_id, priority, model_name))
 
     async def tokenize(self, route: ModelRoute, body: dict[str, Any]) -> dict[str, Any]:
         return self._by_engine[route.engine].tokenize(body)

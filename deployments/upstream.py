@@ -6,13 +6,12 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import httpx
 
 from deployments.errors import BadRequestError, OpenAIError, OverloadedError, UpstreamError
 from deployments.messages import ResponseChunk
-from deployments.protocol import request_kind
+from deployments.protocol import ClientRequest
 from models.spec import UpstreamSpec
 
 
@@ -37,12 +36,12 @@ class RequestRate:
         return (1 - self._tokens) / self._per_second
 
 
-def upstream_body(spec: UpstreamSpec, request: Any) -> dict:
+def upstream_body(spec: UpstreamSpec, request: ClientRequest) -> dict:
     """The client's request for the upstream, as the client sent it, under the upstream's model id.
 
     Streams always ask for usage, which metering needs; the client sees it only if it asked.
     """
-    body = {**request.model_dump(exclude_unset=True), "model": spec.upstream_model}
+    body = {**request.body, "model": spec.upstream_model}
     if request.stream:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     return body
@@ -67,8 +66,8 @@ class UpstreamClient:
         if wait is not None:
             raise OverloadedError(f"The rate limit towards upstream `{self.spec.name}` is used up.", retry_after_s=wait)
 
-    def _url(self, request: Any) -> str:
-        kind = request_kind(request)
+    def _url(self, request: ClientRequest) -> str:
+        kind = request.kind
         if kind == "responses":
             raise BadRequestError(
                 f"The Responses API is served by this graph's own models, not by upstream `{self.spec.name}`.",
@@ -77,7 +76,7 @@ class UpstreamClient:
         path = "chat/completions" if kind == "chat" else "completions"
         return f"{self.spec.base_url.rstrip('/')}/{path}"
 
-    async def complete(self, request: Any, model_name: str) -> ResponseChunk:
+    async def complete(self, request: ClientRequest, model_name: str) -> ResponseChunk:
         url = self._url(request)
         self._admit()
         try:
@@ -101,10 +100,10 @@ class UpstreamClient:
             text=choice_text(payload),
         )
 
-    async def stream(self, request: Any, model_name: str) -> AsyncIterator[ResponseChunk]:
+    async def stream(self, request: ClientRequest, model_name: str) -> AsyncIterator[ResponseChunk]:
         url = self._url(request)
         self._admit()
-        wants_usage = bool(request.stream_options and request.stream_options.include_usage)
+        wants_usage = request.include_usage
         try:
             async with self._http.stream(
                 "POST", url, json=upstream_body(self.spec, request), headers=self._headers,

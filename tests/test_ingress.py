@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from collections.abc import AsyncIterator
 
@@ -10,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deployments.ingress import build_openai_app
-from deployments.messages import EngineRequest, PreparedRequest, ResponseChunk
+from deployments.messages import EngineRequest, GenerationCall, PreparedRequest, ResponseChunk
 from deployments.postprocess import ResponseShaper
 from deployments.router import ModelRegistry
 from deployments.telemetry import RequestRecord
@@ -55,7 +56,8 @@ class ScriptedEngine:
             finish = "length" if last else None
             completion = CompletionOutput(index=0, text=text, token_ids=new, cumulative_logprob=None, logprobs=None,
                                           finish_reason=finish)  # fmt: skip
-            output = RequestOutput(request.request_id, None, ids, None, [completion], finished=last)
+            prompt_ids = ids if len(produced) == 1 or not delta else None  # as the engine: once, when streaming
+            output = RequestOutput(request.request_id, None, prompt_ids, None, [completion], finished=last)
             output.engine_seconds = 0.5 if last else None
             yield output
 
@@ -74,17 +76,21 @@ class InProcessStages:
     async def chain(self, model: str, session_key: str | None):
         return self.registry.chain(model, session_key)
 
-    async def prepare(self, route, request, request_id, priority=0) -> PreparedRequest:
-        return await self._prompts[route.engine].prepare(route, request.model_copy(deep=True), request_id, priority)
+    async def _prepare(self, call: GenerationCall) -> PreparedRequest:
+        tokenizer = self._prompts[call.route.engine]
+        return await tokenizer.prepare(call.route, copy.deepcopy(call.request), call.request_id, call.priority,
+                                       call.model_name)  # fmt: skip
 
     def _outputs(self, prepared: PreparedRequest) -> AsyncIterator:
         return self._engines[prepared.route.engine].generate(prepared.engine_requests)
 
-    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[ResponseChunk]:
+    async def stream(self, call: GenerationCall) -> AsyncIterator[ResponseChunk]:
+        prepared = await self._prepare(call)
         async for chunk in self._shapers[prepared.route.engine].stream(prepared, self._outputs(prepared)):
             yield chunk
 
-    async def complete(self, prepared: PreparedRequest) -> ResponseChunk:
+    async def complete(self, call: GenerationCall) -> ResponseChunk:
+        prepared = await self._prepare(call)
         return await self._shapers[prepared.route.engine].complete(prepared, self._outputs(prepared))
 
     def upstream(self, upstream):

@@ -13,7 +13,7 @@ from autoscale.policy import StageKind, engine_scaling, replicas_for_load, stage
 from deployments.errors import EngineCrashedError, RateLimitError
 from deployments.fallback import BreakerState, CircuitBreaker, FallbackChain
 from deployments.ingress import SERVED_BY_HEADER, build_openai_app
-from deployments.protocol import chat_completion_request
+from deployments.protocol import ClientRequest
 from deployments.router import ModelRegistry, TrafficSplit
 from deployments.upstream import RequestRate, UpstreamClient
 from graphs.config import IngressConfig, LLMAppArgs
@@ -235,7 +235,9 @@ def test_upstream_stream_is_relayed_under_the_clients_model_name_with_usage():
         )
         return httpx.Response(200, text=body)
 
-    request = chat_completion_request({"model": "ext", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    request = ClientRequest.of(
+        "chat", {"model": "ext", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    )
     chunks = asyncio.run(collect(upstream_client(handler, api_key_env="HOME"), request))
     assert "".join(c.text for c in chunks) == "Hello"
     assert [c.data.count('"model": "ext"') for c in chunks] == [1, 1, 0]  # the usage event: not asked for
@@ -250,7 +252,9 @@ def test_upstream_stream_is_relayed_under_the_clients_model_name_with_usage():
 )
 def test_upstream_refusals_become_openai_errors(status, code):
     client = upstream_client(lambda request: httpx.Response(status, json={"error": {"message": "no"}}))
-    request = chat_completion_request({"model": "ext", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    request = ClientRequest.of(
+        "chat", {"model": "ext", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    )
     with pytest.raises(Exception) as caught:
         asyncio.run(collect(client, request))
     assert caught.value.code == code

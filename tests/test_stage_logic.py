@@ -6,7 +6,7 @@ import pytest
 
 from deployments.errors import BadRequestError, ContextLengthExceededError, ModelNotFoundError, as_openai_error
 from deployments.messages import ModelRoute
-from deployments.protocol import chat_completion_request, completion_request
+from deployments.protocol import ClientRequest
 from deployments.router import ModelRegistry
 from deployments.tokenizer import PromptTokenizer
 from models.spec import LongPromptPolicy
@@ -31,8 +31,8 @@ def prepare(frontend, spec, body: dict, request_id: str = "req-1", policy=None):
     """The tokenizer stage's engine requests for body, as the ingress would hand it over."""
     if policy is not None:
         spec = spec.model_copy(update={"long_prompt": policy})
-    parse = chat_completion_request if "messages" in body else completion_request
-    return asyncio.run(PromptTokenizer(spec, frontend).prepare(ROUTE, parse({"model": "tiny", **body}), request_id))
+    request = ClientRequest.of("chat" if "messages" in body else "completion", {"model": "tiny", **body})
+    return asyncio.run(PromptTokenizer(spec, frontend).prepare(ROUTE, request, request_id))
 
 
 @pytest.mark.parametrize(
