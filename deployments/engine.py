@@ -89,12 +89,12 @@ class Engine:
 
         if self._engine.errored:  # dead before this request: another replica may serve it
             raise EngineUnavailableError("This engine replica has failed and is being replaced. Retry the request.")
-        request_ids = ", ".join(request.request_id for request in requests)
         try:
             async for indexed in merge_async_iterators(*(self._outputs(request) for request in requests)):
                 yield indexed
         except EngineDeadError:
             self._counters.crashed += 1
+            request_ids = ", ".join(request.request_id for request in requests)
             logger.error("engine died while serving request %s", request_ids, extra={"engine_request_id": request_ids})
             raise EngineCrashedError(
                 f"The model's engine crashed while serving this request ({request_ids}); it is being "

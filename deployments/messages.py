@@ -82,17 +82,12 @@ class PreparedRequest:
     engine_requests: list[EngineRequest]
     prompt_texts: list[str | None]
     conversation: list[dict[str, Any]] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
     response_id: str = ""
     model_name: str = ""  # the name responses carry: what the client asked for, or the fallback's
 
     @property
     def prompt_tokens(self) -> int:
         return sum(len(r.prompt_token_ids) for r in self.engine_requests)
-
-    @property
-    def stream(self) -> bool:
-        return bool(self.request.stream)
 
 
 @dataclass

@@ -10,7 +10,6 @@ replica. Responses are shaped by vLLM's serving classes in the postprocess stage
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import uuid
@@ -82,13 +81,6 @@ def request_kind(request: Any) -> RequestKind:
 PARSERS = {"completion": completion_request, "chat": chat_completion_request, "responses": responses_request}
 
 
-def warm_protocol() -> None:
-    """Import vLLM's protocol models now (seconds of imports): at replica start, not in a client's first request."""
-    for parse in PARSERS.values():
-        with contextlib.suppress(BadRequestError):
-            parse({})
-
-
 @dataclass(frozen=True)
 class ClientRequest:
     """A client's request as the ingress routes it: the endpoint's kind and the JSON body as sent."""
@@ -129,10 +121,6 @@ class ClientRequest:
     def prompt_json(self) -> str:
         """The prompt part of the body, for models that log payloads."""
         return json.dumps({k: self.body[k] for k in ("prompt", "messages", "input") if k in self.body})
-
-
-def is_chat(request: Any) -> bool:
-    return request_kind(request) == "chat"
 
 
 class ModelCard(BaseModel):

@@ -190,10 +190,11 @@ class PromptTokenizer:
 
     def _verified(self, params: Any) -> Any:
         """params, checked here as the engine will check them (logprob limits, token ids, grammars),
-        so what the engine would refuse is a 400 before any engine sees it. The check runs on a
-        copy: it resolves the structured-output backend, which the engine must do itself."""
+        so what the engine would refuse is a 400 before any engine sees it. With structured outputs
+        the check runs on a copy: it resolves their backend, which the engine must do itself."""
         config = self.frontend.vllm_config
-        params.clone().verify(config.model_config, None, config.structured_outputs_config, self.tokenizer)
+        checked = params if params.structured_outputs is None else params.clone()  # no deep copy per request
+        checked.verify(config.model_config, None, config.structured_outputs_config, self.tokenizer)
         params.stream_interval = self.spec.stream_interval
         return params
 
