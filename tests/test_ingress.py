@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import pickle
 from collections.abc import AsyncIterator
 
 import pytest
@@ -330,3 +331,22 @@ def test_responses_api_answers_and_streams_typed_events(make_client, records):
 def test_responses_api_state_is_refused_not_dropped(make_client, field):
     response = make_client().post("/v1/responses", json={"model": "tiny", "input": "hi", **field})
     assert response.status_code == 400 and response.json()["error"]["param"] == next(iter(field))
+
+
+def test_the_ingress_never_imports_vllm_even_when_relaying_a_sealed_prepared_request():
+    """Each ingress replica would grow by ~550 MB (vLLM and torch) if it unpickled the tokenizer's vLLM objects."""
+    import subprocess
+    import sys
+
+    from vllm import SamplingParams
+
+    from deployments.messages import Sealed
+
+    sealed = pickle.dumps(Sealed.of(SamplingParams(max_tokens=3)))
+    check = (
+        "import pickle, sys\nimport deployments.ingress\n"
+        "relayed = pickle.loads(sys.stdin.buffer.read())\n"
+        "assert not any(m.split('.')[0] in ('vllm', 'torch') for m in sys.modules), 'vLLM or torch imported'\n"
+        "assert pickle.loads(pickle.dumps(relayed)).blob == relayed.blob\n"
+    )
+    subprocess.run([sys.executable, "-c", check], input=sealed, check=True, timeout=120)
