@@ -8,12 +8,14 @@ Each target runs alone on the machine, so every matching process is the target's
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 ENGINE_CORE = "engine core"  # vLLM's engine core and workers: the model itself
+RUNNING_METHOD = re.compile(r"\.[a-z_]+$")
 RAY_SYSTEM = ("raylet", "gcs_server", "dashboard", "ServeController", "log_monitor", "runtime_env")
 
 
@@ -25,6 +27,7 @@ def stage_of(title: str) -> str | None:
         return "proxy"
     if "ServeReplica:" in title:
         deployment = title.split("ServeReplica:", 1)[1].split()[0].split(":")[-1]
+        deployment = RUNNING_METHOD.sub("", deployment)  # Ray titles a replica `<name>.<method>` while it runs one
         if deployment.startswith("engine-") or deployment.startswith("LLMServer") or "LLMServer" in title:
             return "engine replica"
         return deployment.lower()
@@ -46,6 +49,7 @@ class ProcessSampler:
     """Samples every process's CPU times and memory in a thread; stop() gives the usage per stage."""
 
     interval_s: float = 0.5
+    within: int | None = None  # only this process's descendants (one of several stacks on the machine)
     _baseline: dict[int, float] = field(default_factory=dict)
     _latest: dict[int, tuple[str, float]] = field(default_factory=dict)
     _peak_rss: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -56,9 +60,9 @@ class ProcessSampler:
         import psutil
 
         seen: dict[int, tuple[str, float, int]] = {}
-        for process in psutil.process_iter(["name", "cmdline"]):
+        for process in self._candidates():
             try:
-                title = " ".join([process.info["name"] or "", *(process.info["cmdline"] or [])])
+                title = " ".join([process.name(), *process.cmdline()])
                 stage = stage_of(title)
                 if stage is None:
                     continue
@@ -67,6 +71,16 @@ class ProcessSampler:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         return seen
+
+    def _candidates(self) -> list[Any]:
+        import psutil
+
+        if self.within is None:
+            return list(psutil.process_iter())
+        try:
+            return psutil.Process(self.within).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
 
     def _record(self, seen: dict[int, tuple[str, float, int]]) -> None:
         rss: dict[str, int] = defaultdict(int)
@@ -115,9 +129,9 @@ def per_thousand_requests(usage: dict[str, StageUsage], requests: int) -> dict[s
     return figures
 
 
-def measured(run: Any, requests_of: Any) -> Any:
+def measured(run: Any, requests_of: Any, within: int | None = None) -> Any:
     """run() under a sampler; its result gains `processes`: per-stage CPU per 1,000 requests and RSS."""
-    with ProcessSampler() as sampler:
+    with ProcessSampler(within=within) as sampler:
         result = run()
     result["processes"] = per_thousand_requests(sampler.usage(), requests_of(result))
     return result

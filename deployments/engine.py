@@ -20,6 +20,7 @@ from ray import serve
 
 from deployments.errors import BadRequestError, EngineCrashedError, EngineUnavailableError
 from deployments.messages import EngineRequest
+from deployments.telemetry import drop_serve_access_lines
 from models import cpu_amx
 from models.build import resolve_model_source
 from models.engine_config import cpu_kv_cache_bytes, cpu_threads_bind, engine_kwargs, kv_cache_bytes
@@ -69,6 +70,7 @@ class Engine:
             if spec.num_workers > 1:
                 bind = cpu_threads_bind(spec.num_workers, sorted(os.sched_getaffinity(0)))
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+        drop_serve_access_lines()
         self._spec = spec
         self._engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs(**kwargs),

@@ -22,6 +22,7 @@ from deployments.frontend import Frontend, build_frontend
 from deployments.messages import ModelRoute, PreparedRequest, ResponseChunk, Sealed
 from deployments.protocol import request_kind
 from deployments.streaming import Deadline
+from deployments.telemetry import drop_serve_access_lines
 from models.spec import ModelSpec
 
 Indexed = tuple[int, Any]  # (prompt index, vLLM RequestOutput)
@@ -239,6 +240,7 @@ class Postprocess:
     """Pulls outputs from the engine replicas Serve picks and shapes them into the client's response."""
 
     def __init__(self, specs: list[ModelSpec], engines: dict[str, DeploymentHandle], cache_dir: str | None = None):
+        drop_serve_access_lines()
         cache = Path(cache_dir) if cache_dir else None
         self._shapers = {spec.engine_deployment_name: ResponseShaper(build_frontend(spec, cache)) for spec in specs}
         self._engines = {name: handle.options(stream=True) for name, handle in engines.items()}

@@ -12,6 +12,7 @@ from ray import serve
 from deployments.errors import model_not_found
 from deployments.messages import ModelRoute
 from deployments.protocol import ModelCard, ModelList
+from deployments.telemetry import drop_serve_access_lines
 from models.spec import CircuitBreakerConfig, ModelSpec, UpstreamSpec
 
 TrafficWeights = Mapping[str, Mapping[str, float]]  # model name -> version -> weight
@@ -158,6 +159,7 @@ class Router:
     """Owns the registry; ingress replicas fetch a copy once and route in-process."""
 
     def __init__(self, specs: list[ModelSpec], upstreams: list[UpstreamSpec] | None = None) -> None:
+        drop_serve_access_lines()
         self._registry = ModelRegistry(specs, upstreams)
 
     async def registry(self) -> ModelRegistry:

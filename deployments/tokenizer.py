@@ -17,6 +17,7 @@ from deployments.errors import BadRequestError, ContextLengthExceededError, from
 from deployments.frontend import Frontend, build_frontend
 from deployments.messages import EngineRequest, ModelRoute, PreparedRequest, Sealed
 from deployments.protocol import ClientRequest, as_bad_request, parse_vllm
+from deployments.telemetry import drop_serve_access_lines
 from models.spec import LongPromptPolicy, ModelSpec
 
 TRUNCATION_SIDE = {LongPromptPolicy.truncate_left: "left", LongPromptPolicy.truncate_right: "right"}
@@ -319,6 +320,7 @@ class Tokenizer:
     """Holds a PromptTokenizer per model version of the graph."""
 
     def __init__(self, specs: list[ModelSpec], cache_dir: str | None = None) -> None:
+        drop_serve_access_lines()
         cache = Path(cache_dir) if cache_dir else None
         self._by_engine = {
             spec.engine_deployment_name: PromptTokenizer(spec, build_frontend(spec, cache)) for spec in specs

