@@ -135,6 +135,16 @@ def test_cluster_yaml_is_a_valid_ray_cluster_launcher_config():
     assert types == {"gpu-a10g-1x": (1, "A10G", 2), "gpu-l40s-4x": (4, "L40S", 4)}
 
 
+def test_cluster_yaml_starts_every_node_with_the_graphs_serve_environment():
+    """Serve reads these at import on every node: a knob missing from cluster.yaml is silently off."""
+    from graphs.local_cluster import SERVE_ENV
+
+    config = load_launcher_config(ROOT / "cluster.yaml")
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        ray_start = next(command for command in commands if "ray start" in command)
+        assert all(f"{name}={value}" in ray_start.split() for name, value in SERVE_ENV.items()), ray_start
+
+
 def test_gpu_config_validates_and_its_plan_fits_cluster_yaml():
     validate_config(ROOT / "graphs" / "gpu.yaml")
     node_types = node_types_from_launcher(load_launcher_config(ROOT / "cluster.yaml"))
