@@ -5,17 +5,20 @@
 
 This machine's speed drifts by tens of percent within minutes (other tenants of the host), so two
 benchmark runs minutes apart cannot show a change of a few percent. Here each checkout serves
-the model in its own Ray cluster, started from that checkout's code (`git worktree` for the ref);
-the idle one costs little. The load then alternates between them, ABBA, round after round, with
-vLLM's benchmark client, and each figure is the median over rounds. CPU per stage counts only
-the processes of the graph under load.
+the model in its own Ray cluster, started from that checkout's code (`git worktree` for the
+ref). The idle one is stopped (SIGSTOP, every process of it) while the other runs. The load
+alternates between them, ABBA, round after round, with vLLM's benchmark client, and each
+figure is the median over rounds. CPU per stage counts only the processes of the graph under
+load.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,6 +29,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench.processes import measured
 from bench.targets import local_model_dir, model_spec
@@ -78,9 +83,28 @@ class Side:
     def label(self) -> str:
         return self.name.split()[0]
 
+    def _processes(self) -> list[psutil.Process]:
+        root = psutil.Process(self.process.pid)
+        return [root, *root.children(recursive=True)]
+
+    def pause(self) -> None:
+        """Stops every process of this graph while the other is measured, as if it were not there:
+        an idle Ray cluster still spends CPU (its controller loop), and a change to that cost
+        would otherwise show up in the other side's figures. All stop together, so none of
+        Ray's health checks between them sees the others silent."""
+        for process in self._processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for process in self._processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process is None:
             return
+        self.resume()
         self.process.stdin.close()  # the target leaves its `with` and stops its cluster
         try:
             self.process.wait(timeout=120)
@@ -159,9 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"starting {side.name}", file=sys.stderr, flush=True)
             stack.callback(side.stop)
             side.start(args.model, work_dir)
+        for side in sides:
+            side.pause()
         for index in range(args.rounds):
             for side in round_order(sides, index):
                 print(f"[round {index + 1}/{args.rounds}] {side.name}", file=sys.stderr, flush=True)
+                side.resume()
                 run_dir = work_dir / f"{side.label}-{index}"
                 run_dir.mkdir()
                 result = measured(
@@ -169,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                     lambda result: result["completed"] + workload.warmups(point),
                     within=side.process.pid,
                 )
+                side.pause()
                 print(f"  {result['output_throughput']:.0f} tok/s", file=sys.stderr, flush=True)
                 runs[side.name].append(result)
     summary = {name: medians(results) for name, results in runs.items()}

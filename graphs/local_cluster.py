@@ -59,8 +59,9 @@ def haproxy_env(isolated: bool = False) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state / "metrics.sock"),
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            # HAProxy binds these once Serve starts it, tens of seconds from now
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(lasting_free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(lasting_free_port()),
         }
     return env
 
@@ -133,7 +134,8 @@ class LocalServeCluster:
     ) -> None:
         """metrics_report_interval_ms below Ray's 10 s lets tests read metrics sooner, at a CPU cost;
         env is set for the whole cluster (Serve reads its knobs from the environment)."""
-        self.config = {**config, "http_options": {**config.get("http_options", {}), "port": free_port()}}
+        http_port = lasting_free_port()  # bound only once the applications are deployed
+        self.config = {**config, "http_options": {**config.get("http_options", {}), "port": http_port}}
         self._work_dir = work_dir
         self._num_cpus = num_cpus
         self._env = env or {}
