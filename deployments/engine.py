@@ -20,7 +20,7 @@ from ray import serve
 
 from deployments.errors import BadRequestError, EngineCrashedError, EngineUnavailableError
 from deployments.messages import EngineRequest
-from deployments.telemetry import drop_serve_access_lines
+from deployments.stage_process import drop_serve_access_lines
 from models import cpu_amx
 from models.build import resolve_model_source
 from models.engine_config import cpu_kv_cache_bytes, cpu_threads_bind, engine_kwargs, kv_cache_bytes

@@ -21,8 +21,8 @@ from deployments.errors import ModelStartingError, OpenAIError, as_openai_error,
 from deployments.frontend import Frontend, build_frontend
 from deployments.messages import ModelRoute, PreparedRequest, ResponseChunk, Sealed
 from deployments.protocol import request_kind
+from deployments.stage_process import drop_serve_access_lines
 from deployments.streaming import Deadline
-from deployments.telemetry import drop_serve_access_lines
 from models.spec import ModelSpec
 
 Indexed = tuple[int, Any]  # (prompt index, vLLM RequestOutput)

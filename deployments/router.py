@@ -12,7 +12,7 @@ from ray import serve
 from deployments.errors import model_not_found
 from deployments.messages import ModelRoute
 from deployments.protocol import ModelCard, ModelList
-from deployments.telemetry import drop_serve_access_lines
+from deployments.stage_process import drop_serve_access_lines
 from models.spec import CircuitBreakerConfig, ModelSpec, UpstreamSpec
 
 TrafficWeights = Mapping[str, Mapping[str, float]]  # model name -> version -> weight

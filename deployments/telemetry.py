@@ -25,25 +25,6 @@ DEFAULT_TENANT = "default"  # the caller when auth is off
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 TOKEN_TIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28]
 REQUEST_TAGS = ("application", "model", "version", "tenant")
-SERVE_LOGGER_NAME = "ray.serve"  # the logger Serve's replicas write their per-call access line to
-
-
-def _not_serve_access_line(record: logging.LogRecord) -> bool:
-    return not getattr(record, "serve_access_log", False)  # the mark Serve puts on its access lines
-
-
-def drop_serve_access_lines() -> None:
-    """Stops Serve's per-call access line in this replica: for inner stages, whose calls the
-    ingress's `request finished` line already records once per request.
-
-    Serve writes that line unbuffered (see graphs/local_cluster.SERVE_ENV), on every call of every
-    stage: it was about 5 % of each inner stage's CPU under load. A filter on Serve's logger itself
-    drops the record before any handler formats it, survives Serve re-creating its handlers, and
-    leaves our own lines (children of that logger) and Serve's warnings and errors alone.
-    """
-    logger = logging.getLogger(SERVE_LOGGER_NAME)
-    if _not_serve_access_line not in logger.filters:
-        logger.addFilter(_not_serve_access_line)
 
 
 @dataclass(frozen=True)

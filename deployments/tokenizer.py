@@ -17,7 +17,7 @@ from deployments.errors import BadRequestError, ContextLengthExceededError, from
 from deployments.frontend import Frontend, build_frontend
 from deployments.messages import EngineRequest, ModelRoute, PreparedRequest, Sealed
 from deployments.protocol import ClientRequest, as_bad_request, parse_vllm
-from deployments.telemetry import drop_serve_access_lines
+from deployments.stage_process import drop_serve_access_lines
 from models.spec import LongPromptPolicy, ModelSpec
 
 TRUNCATION_SIDE = {LongPromptPolicy.truncate_left: "left", LongPromptPolicy.truncate_right: "right"}

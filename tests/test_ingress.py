@@ -357,7 +357,7 @@ def test_inner_stages_drop_only_serves_access_line():
     re-creates its handlers."""
     import logging
 
-    from deployments.telemetry import SERVE_LOGGER_NAME, drop_serve_access_lines
+    from deployments.stage_process import SERVE_LOGGER_NAME, drop_serve_access_lines
 
     serve_logger = logging.getLogger(SERVE_LOGGER_NAME)
     kept: list[str] = []
