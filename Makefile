@@ -1,10 +1,11 @@
 # Quickstart: `make serve` sets everything up and starts the default graph; `make test` runs the tests.
+# `make test-unit` is the fast loop: lint, then the tests that need no Ray cluster and no vLLM (not marked e2e).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test test-unit bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +24,11 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-unit: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e" --ignore=tests/e2e --ignore=tests/cluster tests
 
 bench: setup
 	$(BIN)/python -m bench.compare

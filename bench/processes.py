@@ -3,7 +3,7 @@
 Processes are told apart by their titles: Ray names actor processes `ray::ServeReplica:<app>:<deployment>`
 (and `ray::ProxyActor`), Serve's HTTP front is `haproxy` or the proxy actor, vLLM names its engine
 core and workers `VLLM::...`, and bare vLLM's API server runs `vllm.entrypoints.openai.api_server`.
-Each target runs alone on the machine, so every matching process is the target's.
+With several targets up at once, only the processes of the one under load count (`within`).
 """
 
 from __future__ import annotations

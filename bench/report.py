@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,27 @@ PLOTS = [
 ]
 
 Results = dict[str, dict[str, dict[str, Any]]]  # target -> load point label -> summary
+COUNTS = ("completed", "failed", "total_output_tokens")  # summed over rounds; every other figure: median
+
+
+def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of several rounds of a load point: the median of each figure (and of each
+    stage's CPU per 1,000 requests, the peak of its RSS), request counts summed."""
+    summary: dict[str, Any] = {"rounds": len(runs)}
+    for key, value in runs[0].items():
+        if key in COUNTS:
+            summary[key] = sum(run[key] for run in runs)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            summary[key] = statistics.median(run[key] for run in runs if run.get(key) is not None)
+    stages = dict.fromkeys(stage for run in runs for stage in run.get("processes", {}))
+    summary["processes"] = {
+        stage: {
+            "cpu_s_per_1k": statistics.median(run["processes"].get(stage, {}).get("cpu_s_per_1k", 0.0) for run in runs),
+            "peak_rss_mib": max(run["processes"].get(stage, {}).get("peak_rss_mib", 0) for run in runs),
+        }
+        for stage in stages
+    }
+    return summary
 
 
 def markdown(rows: list[list[str]]) -> str:
@@ -68,11 +90,13 @@ def ratios(results: Results) -> dict[str, dict[str, dict[str, float]]]:
     }
 
 
-def ratio_table(results: Results) -> str:
-    rows = [["ours vs", "load", "tok/s ratio", "TTFT p50 gap ms"]]
-    for other, points in ratios(results).items():
+def ratio_table(ratios_by_peer: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """ratios_by_peer: what ratios() gives, with each round's ratio where known."""
+    rows = [["ours vs", "load", "tok/s ratio", "TTFT p50 gap ms", "tok/s ratio by round"]]
+    for other, points in ratios_by_peer.items():
         for point, r in points.items():
-            rows.append([other, point, f"{r['throughput_ratio']:.2f}x", f"{r['ttft_p50_gap_ms']:+.0f}"])
+            by_round = ", ".join(f"{value:.2f}" for value in r.get("throughput_ratio_by_round", []))
+            rows.append([other, point, f"{r['throughput_ratio']:.2f}x", f"{r['ttft_p50_gap_ms']:+.0f}", by_round])
     return markdown(rows) if len(rows) > 1 else ""
 
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import httpx
 
-from graphs.config import LLMAppArgs
 from graphs.local_cluster import LocalServeCluster, free_port, load_config, wait_for
 from models.build import default_cache_dir, ensure_local_model
+from models.config import LLMAppArgs
 from models.engine_config import CPU_MEMORY_UTILIZATION
 from models.spec import ModelSpec
 
@@ -203,7 +203,17 @@ def local_model_dir(spec: ModelSpec) -> Path:
     return ensure_local_model(spec.build, default_cache_dir())
 
 
+TARGET_NAMES = ("servegraph", "vllm", "ray-llm", "ray-llm-0ms")
+
+
+def check_target_names(names: list[str]) -> None:
+    unknown = set(names) - set(TARGET_NAMES)
+    if unknown:
+        raise ValueError(f"unknown targets {sorted(unknown)}; choose from {sorted(TARGET_NAMES)}")
+
+
 def build_targets(names: list[str], model: str, config_path: Path | None = None):
+    check_target_names(names)
     config = load_config(config_path) if config_path else load_config()
     spec = model_spec(config, model)
     makers = {
@@ -212,7 +222,4 @@ def build_targets(names: list[str], model: str, config_path: Path | None = None)
         "ray-llm": lambda: RayServeLLMTarget(spec, local_model_dir(spec), None),
         "ray-llm-0ms": lambda: RayServeLLMTarget(spec, local_model_dir(spec), 0),
     }
-    unknown = set(names) - set(makers)
-    if unknown:
-        raise ValueError(f"unknown targets {sorted(unknown)}; choose from {sorted(makers)}")
     return spec, [makers[name]() for name in names]

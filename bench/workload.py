@@ -67,9 +67,13 @@ class Workload:
         ]  # fmt: skip
 
     def run(self, base_url: str, model: str, tokenizer: Path, point: LoadPoint, work_dir: Path) -> dict[str, Any]:
-        """One run; vLLM's per-request progress bar goes to stderr, its report to a log file."""
-        result_file = work_dir / f"{point.label}.json"
-        with (work_dir / f"{point.label}.log").open("w") as log:
-            subprocess.run(self.command(base_url, model, tokenizer, point, result_file), check=True, stdout=log)
+        """One run; vLLM's report and progress bars go to a log file, whose end a failure shows."""
+        result_file, log_file = work_dir / f"{point.label}.json", work_dir / f"{point.label}.log"
+        with log_file.open("w") as log:
+            command = self.command(base_url, model, tokenizer, point, result_file)
+            finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        if finished.returncode != 0:
+            tail = log_file.read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"vllm bench serve exited with {finished.returncode}; end of {log_file}:\n{tail}")
         result = json.loads(result_file.read_text())
         return {key: result.get(key) for key in SUMMARY_KEYS}

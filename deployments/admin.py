@@ -9,7 +9,7 @@ from ray import serve
 
 from deployments.auth import Tenant, TenantDirectory, require_admin
 from deployments.ingress import install_error_handlers
-from graphs.config import AuthConfig
+from models.config import AuthConfig
 
 
 def build_admin_app(llm_app: str, tenants: TenantDirectory) -> FastAPI:

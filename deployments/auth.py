@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployments.errors import AdminRequiredError, AuthenticationError, PermissionDeniedError
-from graphs.config import AuthConfig, PriorityClass, TenantLimits, TenantSpec
+from models.config import AuthConfig, PriorityClass, TenantLimits, TenantSpec
 
 BEARER = "bearer "
 

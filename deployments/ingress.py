@@ -41,7 +41,7 @@ from deployments.streaming import Deadline, until_finished
 from deployments.telemetry import RequestRecord, RequestTelemetry, RequestTrace, status_of
 from deployments.upstream import UpstreamClient, sse
 from deployments.usage import UsageLog, UsageRecord, UsageReport, read_usage, summarize
-from graphs.config import AuthConfig, IngressConfig, UsageConfig
+from models.config import AuthConfig, IngressConfig, UsageConfig
 from models.spec import UpstreamSpec
 
 logger = logging.getLogger("servegraph.ingress")
@@ -443,7 +443,7 @@ def build_openai_app(
 @serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class Ingress:
-    """user_config (see graphs.config.IngressConfig) carries traffic weights: no restart to change them."""
+    """user_config (see models.config.IngressConfig) carries traffic weights: no restart to change them."""
 
     def __init__(
         self,

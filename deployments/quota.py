@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import RateLimitError
-from graphs.config import TenantLimits, TenantSpec
+from models.config import TenantLimits, TenantSpec
 
 logger = logging.getLogger("ray.serve.servegraph.quota")
 

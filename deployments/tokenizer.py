@@ -48,7 +48,7 @@ class PromptTokenizer:
     ) -> PreparedRequest:
         """The body parsed (once, here) by vLLM's request model, rendered into engine requests.
 
-        priority: vLLM's, lower first (see graphs.config.PriorityClass).
+        priority: vLLM's, lower first (see models.config.PriorityClass).
         """
         from vllm.exceptions import VLLMClientError
 

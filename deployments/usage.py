@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from deployments.telemetry import CLIENT_CLOSED_REQUEST, RequestRecord
-from graphs.config import UsageConfig
+from models.config import UsageConfig
 
 logger = logging.getLogger("ray.serve.servegraph.usage")
 

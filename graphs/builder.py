@@ -14,7 +14,7 @@ from deployments.postprocess import Postprocess
 from deployments.quota import Quota, limited_tenants
 from deployments.router import Router
 from deployments.tokenizer import Tokenizer
-from graphs.config import AdminAppArgs, LLMAppArgs
+from models.config import AdminAppArgs, LLMAppArgs
 from models.placement import KNOWN_GPU_MEMORY_GIB, EngineMemory, check_memory, engine_deployment_options, model_shape
 
 LIGHT_STAGE_CPUS = 0.1

@@ -65,7 +65,7 @@ def validate_config(path: Path) -> list[str]:
 def check_ingress_config(where: str, app_config) -> None:
     """The ingress user_config (traffic weights) must name the app's own models and versions."""
     from deployments.router import ModelRegistry
-    from graphs.config import IngressConfig, LLMAppArgs
+    from models.config import IngressConfig, LLMAppArgs
 
     ingress = next((d for d in app_config.deployments if d.name == "ingress"), None)
     user_config = getattr(ingress, "user_config", None)
@@ -83,8 +83,8 @@ def check_ingress_config(where: str, app_config) -> None:
 
 def build_models(path: Path) -> list[Path]:
     """Build the config's local models now so the first deploy does not wait for them."""
-    from graphs.config import LLMAppArgs
     from models.build import default_cache_dir, ensure_local_model
+    from models.config import LLMAppArgs
 
     built = []
     for app_config in yaml.safe_load(path.read_text())["applications"]:
@@ -105,7 +105,7 @@ def engine_replicas(app_config: dict, spec: ModelSpec) -> int:
 
 def plan_config(path: Path, node_types) -> list[str]:
     """The placement of every GPU application of a Serve config; PlacementError if one does not fit."""
-    from graphs.config import LLMAppArgs
+    from models.config import LLMAppArgs
     from models.placement import plan_placement
 
     reports = []
@@ -141,7 +141,7 @@ USAGE_COLUMNS = ["day", "tenant", "model", "requests", "succeeded", "failed", "c
 def usage_report(args: argparse.Namespace) -> str:
     """A fixed-width table of summarize()'s rows, with a total line."""
     from deployments.usage import read_usage, summarize
-    from graphs.config import UsageConfig
+    from models.config import UsageConfig
 
     directory = args.dir or UsageConfig().directory()
     report = summarize(

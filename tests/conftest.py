@@ -1,6 +1,7 @@
-"""Shared fixtures: the built tiny model's tokenizer for unit tests.
+"""Shared fixtures: the built tiny model's tokenizer for unit tests, and the `e2e` marking.
 
-End-to-end fixtures (a real Ray cluster running graphs/local.yaml) live in tests/e2e.
+End-to-end fixtures (a real Ray cluster running graphs/local.yaml) live in tests/e2e; shared
+fakes live in tests/fakes.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,52 @@ from models.build import ensure_local_model
 from models.spec import LocalBuildRecipe, ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
 EXIT_STATUS = pytest.StashKey[int]()
+HEAVY_BEFORE = pytest.StashKey[frozenset[str]]()
+
+# Every test in these folders needs a real Ray cluster (and the engines' vLLM).
+E2E_FOLDERS = frozenset({"e2e", "cluster"})
+# Fixtures that import vLLM (its front end): a test that uses one, even through another fixture, is not a unit test.
+VLLM_FIXTURES = frozenset({"frontend_for"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: it must see these marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `e2e` every test that needs a Ray cluster or vLLM, so `-m "not e2e"` is the fast unit loop.
+
+    By folder and by fixture rather than by hand, so a new e2e test, or one that takes the vLLM
+    front end, is left out of `make test-unit` without anyone remembering to mark it. The few
+    that start Ray or import vLLM themselves carry the mark in their own module.
+    """
+    for item in items:
+        in_e2e_folder = item.path.is_relative_to(TESTS) and item.path.relative_to(TESTS).parts[0] in E2E_FOLDERS
+        if in_e2e_folder or VLLM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+def heavy_state() -> frozenset[str]:
+    """What a unit test must not bring about: vLLM imported, Ray initialised in this process."""
+    ray = sys.modules.get("ray")
+    state = {"vllm imported": "vllm" in sys.modules, "ray initialised": bool(ray and ray.is_initialized())}
+    return frozenset(name for name, present in state.items() if present)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[HEAVY_BEFORE] = heavy_state()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Fail a test not marked `e2e` that imported vLLM or initialised Ray, through its fixtures too.
+
+    Such a test would cost the unit loop vLLM's import or a cluster, and nothing else would
+    notice. Only a change counts: in the full suite the e2e tests may have done both already.
+    """
+    if item.get_closest_marker("e2e") is None and HEAVY_BEFORE in item.stash:
+        if new := heavy_state() - item.stash[HEAVY_BEFORE]:
+            pytest.fail(f"{item.nodeid}: {', '.join(sorted(new))}; mark it e2e", pytrace=False)
 
 
 @pytest.hookimpl(trylast=True)

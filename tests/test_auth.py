@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from deployments.auth import TenantDirectory, hash_key
 from deployments.errors import AuthenticationError
 from deployments.ingress import build_openai_app
-from graphs.config import AuthConfig, TenantSpec
-from tests.test_ingress import InProcessStages, ScriptedEngine
+from models.config import AuthConfig, TenantSpec
+from tests.fakes import InProcessStages, ScriptedEngine
 
 
 def auth(**tenants: dict) -> AuthConfig:
@@ -100,7 +100,7 @@ def test_hash_key_command_reads_the_key_from_stdin():
 
 
 def test_tenants_name_served_models(tiny_spec):
-    from graphs.config import LLMAppArgs
+    from models.config import LLMAppArgs
 
     tenants = {"tenants": [{"name": "a", "key_hashes": [hash_key("k")], "models": ["tiny-chat"]}]}
     with pytest.raises(ValueError, match=r"does not serve: \['tiny-chat'\]"):

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import Figures, load_points, parse_args, run_targets
-from bench.report import plot, ratio_table, ratios, table
+from bench.compare import load_points, parse_args
+from bench.report import median_summary, plot, ratio_table, ratios, table
+from bench.rounds import Rounds, round_order
 from bench.workload import LoadPoint, Workload
 
 
@@ -29,7 +30,7 @@ def test_ratios_are_ours_over_theirs_per_load_point():
             "c=32": {"throughput_ratio": 0.9, "ttft_p50_gap_ms": 20},
         }
     }
-    assert "| vllm    | c=32 | 0.90x" in ratio_table(RESULTS)
+    assert "| vllm    | c=32 | 0.90x" in ratio_table(ratios(RESULTS))
 
 
 def test_table_has_a_row_per_target_and_point():
@@ -62,32 +63,117 @@ def test_vllm_bench_command_carries_the_load_and_length_distribution(point, expe
     assert "--random-range-ratio 0.5" in joined and "--backend openai-chat" in joined
 
 
-class FakeTarget:
-    """A target that starts (or refuses to) without a server: the loop around targets is pure logic."""
+class FakeRunner:
+    """A target that starts (or refuses to), pauses and resumes without a server: the rounds
+    around targets are pure logic. Every runner of a test shares one list of what happened."""
 
-    def __init__(self, name: str, starts: bool = True) -> None:
-        self.name, self.model, self._starts = name, "tiny", starts
+    def __init__(self, name: str, events: list, starts: bool = True, fails_at_turn: int | None = None) -> None:
+        self.name, self.model, self.base_url, self.within = name, "tiny", "", None
+        self.events, self._starts, self._fails_at_turn, self.turns = events, starts, fails_at_turn, 0
+        self.running = False
 
-    def __enter__(self) -> str:
+    def start(self, work_dir: Path) -> None:
         if not self._starts:
             raise RuntimeError("Ray's head did not start")
-        return f"http://{self.name}"
+        self.running, self.base_url = True, f"http://{self.name}"
+        self.events.append(("start", self.name))
 
-    def __exit__(self, *exc_info: object) -> None:
-        pass
+    def pause(self) -> None:
+        self.running = False
 
-    def details(self, base_url: str) -> dict[str, float]:
+    def resume(self) -> None:
+        self.running = True
+
+    def details(self) -> dict[str, float]:
         return {"http ms": 1.0}
 
+    def stop(self) -> None:
+        self.events.append(("stop", self.name))
 
-def test_a_target_that_fails_to_start_costs_only_its_own_figures():
-    figures, reports = Figures(), []
-    targets = [FakeTarget("servegraph"), FakeTarget("ray-llm", starts=False), FakeTarget("vllm")]
-    points = [LoadPoint(concurrency=8), LoadPoint(concurrency=32)]
-    run_targets(targets, points, lambda t, url, p: summary(100, 10), True, figures, lambda: reports.append(1))
-    assert set(figures.results) == {"servegraph", "vllm"} and set(figures.results["vllm"]) == {"c=8", "c=32"}
-    assert figures.failures == {"ray-llm": "RuntimeError: Ray's head did not start"}
-    assert set(figures.latency) == {"servegraph", "vllm"} and len(reports) == 3
+
+def rounds_of(runners: list[FakeRunner], tok_s: dict[tuple[str, str], float], rounds: int = 2, **kwargs) -> Rounds:
+    """Rounds whose measure checks that only the runner under load runs, and gives tok_s[(name, peer started last)]."""
+    events = runners[0].events
+
+    def measure(runner: FakeRunner, point: LoadPoint) -> dict:
+        assert [r.name for r in runners if r.running] == [runner.name]
+        runner.turns += 1
+        if runner.turns == runner._fails_at_turn:
+            raise RuntimeError("vllm bench serve exited with 1")
+        events.append(("load", runner.name, point.label))
+        latest_start = [name for kind, name, *_ in events if kind == "start"][-1]
+        return summary(tok_s.get((runner.name, latest_start), 100), 10)
+
+    return Rounds([LoadPoint(concurrency=8)], rounds, measure, True, Path("/nonexistent"), **kwargs)
+
+
+def test_rounds_pair_ours_with_each_peer_in_turns_and_ratios_use_only_the_shared_rounds():
+    events: list = []
+    ours, vllm, ray_llm = FakeRunner("servegraph", events), FakeRunner("vllm", events), FakeRunner("ray-llm", events)
+    tok_s = {("servegraph", "vllm"): 100, ("vllm", "vllm"): 200, ("servegraph", "ray-llm"): 300}
+    saves: list = []
+    figures = rounds_of([ours, vllm, ray_llm], tok_s, after_each=lambda: saves.append(1)).run(ours, [vllm, ray_llm])
+
+    loads = [event[1] for event in events if event[0] == "load"]
+    assert loads == ["servegraph", "vllm", "vllm", "servegraph", "servegraph", "ray-llm", "ray-llm", "servegraph"]
+    assert [e for e in events if e[0] != "load"] == [
+        ("start", "servegraph"), ("start", "vllm"), ("stop", "vllm"), ("start", "ray-llm"), ("stop", "ray-llm"),
+        ("stop", "servegraph"),
+    ]  # fmt: skip
+    assert figures.ratios() == {
+        "vllm": {"c=8": {"throughput_ratio": 0.5, "ttft_p50_gap_ms": 0, "throughput_ratio_by_round": [0.5, 0.5]}},
+        "ray-llm": {"c=8": {"throughput_ratio": 3.0, "ttft_p50_gap_ms": 0, "throughput_ratio_by_round": [3.0, 3.0]}},
+    }
+    assert "| ray-llm | c=8  | 3.00x       | +0              | 3.00, 3.00" in ratio_table(figures.ratios())
+    ours_overall = figures.results()["servegraph"]["c=8"]
+    assert ours_overall["output_throughput"] == 200 and ours_overall["rounds"] == 4 and ours_overall["completed"] == 40
+    assert set(figures.latency) == {"servegraph", "vllm", "ray-llm"} and figures.failures == {}
+    assert len(saves) >= 8  # after every turn
+
+
+def test_a_target_that_fails_costs_only_its_own_figures():
+    events: list = []
+    ours = FakeRunner("servegraph", events)
+    broken, failing = FakeRunner("ray-llm", events, starts=False), FakeRunner("vllm", events, fails_at_turn=2)
+    fine = FakeRunner("ray-llm-0ms", events)
+    figures = rounds_of([ours, broken, failing, fine], {}).run(ours, [broken, failing, fine])
+    assert figures.failures == {
+        "ray-llm": "RuntimeError: Ray's head did not start",
+        "vllm": "RuntimeError: vllm bench serve exited with 1",
+    }
+    assert set(figures.results()) == {"servegraph", "vllm", "ray-llm-0ms"}
+    assert figures.results(pair="ray-llm-0ms")["servegraph"]["c=8"]["rounds"] == 2
+    assert ("stop", "vllm") in events and events[-1] == ("stop", "servegraph")
+
+
+def test_when_our_graph_fails_the_peers_are_still_measured_alone():
+    events: list = []
+    ours, vllm, ray_llm = (
+        FakeRunner("servegraph", events, fails_at_turn=1),
+        FakeRunner("vllm", events),
+        FakeRunner("ray-llm", events),
+    )
+    figures = rounds_of([ours, vllm, ray_llm], {}).run(ours, [vllm, ray_llm])
+    assert set(figures.failures) == {"servegraph"}
+    assert [event[1] for event in events if event[0] == "load"] == ["vllm", "vllm", "ray-llm", "ray-llm"]
+    assert figures.ratios() == {"vllm": {}, "ray-llm": {}}
+
+
+def test_our_graph_alone_is_loaded_in_rounds_too():
+    events: list = []
+    ours = FakeRunner("servegraph", events)
+    figures = rounds_of([ours], {}, rounds=3).run(ours, [])
+    assert figures.results()["servegraph"]["c=8"]["rounds"] == 3 and events[-1] == ("stop", "servegraph")
+
+
+def test_a_median_summary_takes_medians_of_figures_and_sums_request_counts():
+    def run(tok_s: float, ingress_cpu: float, rss: int) -> dict:
+        processes = {"ingress": {"cpu_s_per_1k": ingress_cpu, "peak_rss_mib": rss}}
+        return {**summary(tok_s, 10), "processes": processes}
+
+    merged = median_summary([run(1000, 10.0, 250), run(1400, 12.0, 260), run(1100, 11.0, 240)])
+    assert merged["output_throughput"] == 1100 and merged["completed"] == 30 and merged["rounds"] == 3
+    assert merged["processes"] == {"ingress": {"cpu_s_per_1k": 11.0, "peak_rss_mib": 260}}
 
 
 @pytest.mark.parametrize(
@@ -134,18 +220,14 @@ def test_a_process_sampler_measures_the_cpu_a_stage_process_burns():
     assert proxy.cpu_s >= 0.3 and proxy.peak_rss_bytes > 0
 
 
-def test_ab_alternates_which_side_goes_first_and_reports_medians():
-    from bench.ab import medians, report, round_order
+def test_ab_alternates_which_side_goes_first_and_reports_after_over_before():
+    from bench.ab import report
 
     assert [round_order(["a", "b"], i) for i in range(4)] == [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
 
-    def run(tok_s: float, ingress_cpu: float) -> dict:
-        figures = {"output_throughput": tok_s, "median_ttft_ms": 100.0, "median_tpot_ms": 10.0, "median_e2el_ms": 700.0}
-        return {**figures, "processes": {"ingress": {"cpu_s_per_1k": ingress_cpu, "peak_rss_mib": 250}}}
+    def side(tok_s: float, ingress_cpu: float) -> dict:
+        return {**summary(tok_s, 100), "processes": {"ingress": {"cpu_s_per_1k": ingress_cpu, "peak_rss_mib": 250}}}
 
-    before = medians([run(1000, 10.0), run(1400, 12.0), run(1100, 11.0)])
-    after = medians([run(1500, 8.0), run(1300, 9.0), run(1200, 7.0)])
-    assert before["output_throughput"] == 1100 and before["cpu_s_per_1k"] == {"ingress": 11.0}
-    table = report({"before": before, "after": after}, "before", "after")
+    table = report({"before": side(1100, 11.0), "after": side(1300, 8.0)}, "before", "after")
     assert "| output_throughput | 1100.0 | 1300.0 | 1.18x |" in table
     assert "| CPU s/1k: ingress | 11.0 | 8.0 | 0.73x |" in table

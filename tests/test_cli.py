@@ -83,6 +83,7 @@ LocalServeCluster(config, Path(sys.argv[1]).parent).start(timeout_s=180)
 """
 
 
+@pytest.mark.e2e  # starts a Ray cluster (in a child process)
 def test_plain_serve_deploy_fails_in_the_controller_before_any_replica(tmp_path):
     """Without the CLI, Serve's controller runs the same typed validation: DEPLOY_FAILED."""
     config = load_config()

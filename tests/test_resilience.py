@@ -16,17 +16,9 @@ from deployments.ingress import SERVED_BY_HEADER, build_openai_app
 from deployments.protocol import ClientRequest
 from deployments.router import ModelRegistry, TrafficSplit
 from deployments.upstream import RequestRate, UpstreamClient
-from graphs.config import IngressConfig, LLMAppArgs
+from models.config import IngressConfig, LLMAppArgs
 from models.spec import CircuitBreakerConfig, EngineAutoscaling, UpstreamSpec
-from tests.test_ingress import InProcessStages, ScriptedEngine
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock, InProcessStages, ScriptedEngine
 
 
 class CountingEngine(ScriptedEngine):

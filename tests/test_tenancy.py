@@ -20,16 +20,8 @@ from deployments.ingress import build_openai_app
 from deployments.quota import LocalQuotas, QuotaLedger
 from deployments.telemetry import RequestRecord
 from deployments.usage import SEGMENTS, UsageLog, UsageRecord, read_usage, recover_orphans, summarize
-from graphs.config import AuthConfig, TenantLimits, TenantSpec, UsageConfig
-from tests.test_ingress import InProcessStages, ScriptedEngine
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from models.config import AuthConfig, TenantLimits, TenantSpec, UsageConfig
+from tests.fakes import FakeClock, InProcessStages, ScriptedEngine
 
 
 def ledger(clock: FakeClock, **limits: int) -> QuotaLedger:
@@ -37,7 +29,7 @@ def ledger(clock: FakeClock, **limits: int) -> QuotaLedger:
 
 
 def test_requests_per_minute_slide_and_name_the_limit():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     quotas = ledger(clock, requests_per_minute=2)
     quotas.admit("a", "r1")
     clock.now += 20
@@ -51,7 +43,7 @@ def test_requests_per_minute_slide_and_name_the_limit():
 
 
 def test_tokens_per_minute_count_settled_tokens():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     quotas = ledger(clock, tokens_per_minute=100)
     quotas.admit("a", "r1")
     quotas.settle("a", "r1", 70)
@@ -66,7 +58,7 @@ def test_tokens_per_minute_count_settled_tokens():
 
 
 def test_concurrency_frees_on_settle_or_lease_expiry():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     quotas = ledger(clock, max_concurrent=1)
     quotas.admit("a", "r1")
     with pytest.raises(RateLimitError, match="1 concurrent requests"):

@@ -24,8 +24,8 @@ def test_pipeline_parallel_replica_serves_on_two_gpus(tmp_path):
     from ray import serve
 
     from graphs.builder import build_llm_app
-    from graphs.config import OPEN, LLMAppArgs
     from graphs.local_cluster import free_port
+    from models.config import OPEN, LLMAppArgs
     from models.spec import LocalBuildRecipe, ModelSpec
 
     os.environ["RAY_AUTH_MODE"] = "disabled"

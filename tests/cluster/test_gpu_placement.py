@@ -16,8 +16,8 @@ from ray import serve
 from ray.cluster_utils import Cluster
 
 from graphs.builder import build_llm_app
-from graphs.config import OPEN, LLMAppArgs
 from graphs.local_cluster import free_port
+from models.config import OPEN, LLMAppArgs
 from models.placement import engine_deployment_options
 from models.spec import LocalBuildRecipe, ModelSpec
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Iterator
@@ -12,8 +13,8 @@ import httpx
 import pytest
 
 from deployments.auth import hash_key
-from graphs.config import USAGE_DIR_ENV
 from graphs.local_cluster import LocalServeCluster, lasting_free_port, load_config, wait_for
+from models.config import USAGE_DIR_ENV
 
 poll = wait_for
 
@@ -157,6 +158,18 @@ def resilience_app(upstream_port: int) -> dict:
             {"name": "ingress", "user_config": {"traffic": {"canary": {"v1": 100}}}},
         ],
     }  # fmt: skip
+
+
+SERVED_BY = "x-servegraph-served-by"
+
+
+def with_traffic(graph: Graph, weights: dict[str, float]) -> dict:
+    """The running config with the `resilience` app's canary weights changed: what a rollout redeploys."""
+    config = copy.deepcopy(graph.cluster.config)
+    app = next(app for app in config["applications"] if app["name"] == "resilience")
+    ingress = next(d for d in app["deployments"] if d["name"] == "ingress")
+    ingress["user_config"] = {"traffic": {"canary": weights}}
+    return config
 
 
 # Serve's autoscaler reads handle metrics, pushed every 10 s by default; 1 s lets the scaling test

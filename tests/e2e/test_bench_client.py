@@ -8,7 +8,7 @@ import sys
 def test_benchmark_sweeps_the_graph_and_writes_json_and_png(graph, tmp_path):
     command = [
         sys.executable, "-m", "bench.compare", "--targets", "", "--url", graph.base_url, "--served-model", "tiny",
-        "--concurrency", "1,4", "--num-prompts", "8", "--input-len", "32", "--output-len", "16",
+        "--concurrency", "4", "--rounds", "2", "--num-prompts", "8", "--input-len", "32", "--output-len", "16",
         "--range-ratio", "0.5", "--out", str(tmp_path),
     ]  # fmt: skip
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -19,7 +19,8 @@ def test_benchmark_sweeps_the_graph_and_writes_json_and_png(graph, tmp_path):
     report = json.loads(json_path.read_text())
     assert report["failures"] == {} and report["one_token_latency_ms"]["endpoint"]["http ms"] > 0
     results = report["results"]["endpoint"]
-    assert {point: (r["completed"], r["failed"]) for point, r in results.items()} == {"c=1": (8, 0), "c=4": (8, 0)}
+    assert {point: (r["rounds"], r["completed"], r["failed"]) for point, r in results.items()} == {"c=4": (2, 16, 0)}
+    assert [run["completed"] for run in report["rounds"]["endpoint"]["c=4"]] == [8, 8]
     assert all(r["output_throughput"] > 0 and r["median_ttft_ms"] > 0 for r in results.values())
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| endpoint | c=4" in finished.stdout

@@ -5,7 +5,6 @@ The external upstream is a real second process: a bare vLLM OpenAI server of the
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections import Counter
@@ -17,9 +16,7 @@ import pytest
 from bench.targets import BareVllmTarget
 from models.build import default_cache_dir, ensure_local_model
 from models.spec import LocalBuildRecipe, ModelSpec
-from tests.e2e.conftest import BackgroundLoad, poll
-
-SERVED_BY = "x-servegraph-served-by"
+from tests.e2e.conftest import SERVED_BY, BackgroundLoad, poll, with_traffic
 
 
 def completions_url(graph) -> str:
@@ -86,17 +83,6 @@ class ContinuousLoad(BackgroundLoad):
 def replicas(graph, deployment: str) -> list[dict]:
     apps = graph.cluster.applications()
     return [r for r in apps["resilience"]["deployments"][deployment]["replicas"] if r["state"] == "RUNNING"]
-
-
-def app_config(config: dict) -> dict:
-    return next(app for app in config["applications"] if app["name"] == "resilience")
-
-
-def with_traffic(graph, weights: dict[str, float]) -> dict:
-    config = copy.deepcopy(graph.cluster.config)
-    ingress = next(d for d in app_config(config)["deployments"] if d["name"] == "ingress")
-    ingress["user_config"] = {"traffic": {"canary": weights}}
-    return config
 
 
 def test_canary_rollout_and_rollback_fail_no_request_and_restart_no_engine(graph):

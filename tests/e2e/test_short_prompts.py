@@ -11,8 +11,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.e2e.conftest import ALPHA_KEY, poll
-from tests.e2e.test_resilience import SERVED_BY, with_traffic
+from tests.e2e.conftest import ALPHA_KEY, SERVED_BY, poll, with_traffic
 
 SHORT_PROMPTS = [[300], [100, 200], [100, 200, 300], [100, 200, 300, 400]]
 SHORTEST_CHAT = [{"role": "user", "content": ""}]
