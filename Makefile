@@ -31,7 +31,7 @@ test-unit: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e" --ignore=tests/e2e --ignore=tests/cluster tests
 
 bench: setup
-	$(BIN)/python -m bench.compare
+	$(BIN)/python -m servegraph.bench.compare
 
 clean:
 	rm -rf $(VENV) *.egg-info

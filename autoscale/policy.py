@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
-from models.spec import ModelSpec
+from servegraph.models.spec import ModelSpec
 
 
 class StageKind(str, Enum):

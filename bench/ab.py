@@ -1,7 +1,7 @@
 """Before and after a change, in one run: two checkouts of the graph up at once, loaded in turns.
 
-    python -m bench.ab --before HEAD                  # the working tree against the last commit
-    python -m bench.ab --before 9301012 --rounds 6 --concurrency 8
+    python -m servegraph.bench.ab --before HEAD                  # the working tree against the last commit
+    python -m servegraph.bench.ab --before 9301012 --rounds 6 --concurrency 8
 
 This machine's speed drifts by tens of percent within minutes (other tenants of the host), so two
 benchmark runs minutes apart cannot show a change of a few percent. Here each checkout serves
@@ -25,12 +25,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.hosting import ROOT, HostedTarget, exit_on_termination
-from bench.report import OURS
-from bench.rounds import Rounds, measure_with
-from bench.targets import local_model_dir, model_spec
-from bench.workload import LoadPoint, Workload
-from graphs.local_cluster import load_config
+from servegraph.bench.hosting import ROOT, HostedTarget, exit_on_termination
+from servegraph.bench.report import OURS
+from servegraph.bench.rounds import Rounds, measure_with
+from servegraph.bench.targets import local_model_dir, model_spec
+from servegraph.bench.workload import LoadPoint, Workload
+from servegraph.graphs.local_cluster import load_config
 
 FIGURES = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "median_e2el_ms")
 

@@ -1,9 +1,9 @@
 """Benchmark OpenAI-compatible servers side by side on the same local model, with vLLM's own client.
 
-    python -m bench.compare                                   # servegraph vs bare vLLM vs ray.serve.llm, 32 streams
-    python -m bench.compare --concurrency 1,8,32 --range-ratio 0.5 --rounds 5
-    python -m bench.compare --request-rate 4,8,16 --targets servegraph,vllm
-    python -m bench.compare --url http://host:8000 --served-model my-model --targets ""   # any endpoint
+    python -m servegraph.bench.compare      # servegraph vs bare vLLM vs ray.serve.llm, 32 streams
+    python -m servegraph.bench.compare --concurrency 1,8,32 --range-ratio 0.5 --rounds 5
+    python -m servegraph.bench.compare --request-rate 4,8,16 --targets servegraph,vllm
+    python -m servegraph.bench.compare --url http://host:8000 --served-model my-model --targets ""   # any endpoint
 
 Our graph comes up first and stays up; every other target comes up beside it in turn, each
 in a process (and Ray cluster) of its own. The pair is then loaded in rounds, in turns (ABBA),
@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.hosting import HostedTarget, InPlaceTarget, Runner, exit_on_termination
-from bench.report import OURS, plot, process_table, ratio_table, table
-from bench.rounds import Figures, Rounds, measure_with
-from bench.targets import ExternalTarget, check_target_names, local_model_dir, model_spec
-from bench.workload import LoadPoint, Workload
-from graphs.local_cluster import load_config
+from servegraph.bench.hosting import HostedTarget, InPlaceTarget, Runner, exit_on_termination
+from servegraph.bench.report import OURS, plot, process_table, ratio_table, table
+from servegraph.bench.rounds import Figures, Rounds, measure_with
+from servegraph.bench.targets import ExternalTarget, check_target_names, local_model_dir, model_spec
+from servegraph.bench.workload import LoadPoint, Workload
+from servegraph.graphs.local_cluster import load_config
 
 DEFAULT_TARGETS = "servegraph,vllm,ray-llm-0ms,ray-llm"
 

@@ -14,8 +14,8 @@ from dataclasses import replace
 
 import httpx
 
-from deployments.messages import PreparedRequest, Sealed
-from deployments.protocol import ClientRequest
+from servegraph.deployments.messages import PreparedRequest, Sealed
+from servegraph.deployments.protocol import ClientRequest
 
 
 async def median_ms(call: Callable[[], Awaitable[object]], repeats: int) -> float:

@@ -21,14 +21,14 @@ from typing import Any, Protocol
 
 import psutil
 
-from graphs.local_cluster import wait_for
+from servegraph.graphs.local_cluster import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs in the checkout under test, with only what every checkout has: build_targets, `with
 # target` and target.details. One command a line on stdin; EOF stops the target.
 HOST_SCRIPT = """
 import json, os, pathlib, sys
-from bench.targets import build_targets
+from servegraph.bench.targets import build_targets
 
 def publish(path, text):
     pathlib.Path(path + ".part").write_text(text)
@@ -47,6 +47,40 @@ with target as base_url:
             publish(out + ".details.json", json.dumps(details))
 """
 START_TIMEOUT_S = 900
+PACKAGES = ("deployments", "graphs", "models", "autoscale", "bench")
+
+
+# In every process of a target served from another checkout (PYTHONPATH puts it first): the
+# editable install's finder would otherwise quietly serve servegraph.* modules that checkout
+# lacks from the main one; without it, they fail to import.
+SITECUSTOMIZE = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+"""
+
+
+def import_paths(checkout: Path, work_dir: Path) -> list[Path]:
+    """PYTHONPATH for a target served from checkout: its own code as `servegraph.*`.
+
+    The editable install maps servegraph.* to the main checkout's folders. Another checkout
+    (bench.ab's 'before' worktree) gets a folder of links, first on the path, in its Ray
+    workers too (they inherit PYTHONPATH); one from before the namespace also needs its own
+    folder on the path, for the top-level names its code imports.
+    """
+    checkout = checkout.resolve()
+    if checkout == ROOT:
+        return []
+    root = work_dir / f"imports-{checkout.name}-{os.getpid()}"
+    (root / "servegraph").mkdir(parents=True, exist_ok=True)
+    for package in PACKAGES:
+        link = root / "servegraph" / package
+        if not link.is_symlink():
+            link.symlink_to(checkout / package, target_is_directory=True)
+    (root / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    namespaced = "servegraph.deployments" in (checkout / "pyproject.toml").read_text()
+    return [root] if namespaced else [root, checkout]
+
+
 DETAILS_TIMEOUT_S = 600
 
 
@@ -76,6 +110,7 @@ class HostedTarget:
     checkout: Path = ROOT
     base_url: str = ""
     process: subprocess.Popen | None = field(default=None, repr=False)
+    _seen: dict[int, psutil.Process] = field(default_factory=dict, repr=False)  # every process ever paused
 
     def __post_init__(self) -> None:
         self.name = self.name or self.target
@@ -91,7 +126,9 @@ class HostedTarget:
 
     def start(self, work_dir: Path) -> None:
         """Returns once the target serves; raises (and leaves nothing running) if it does not."""
-        env = {**os.environ, "PYTHONPATH": str(self.checkout), "RAY_ADDRESS": "local"}
+        env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray cluster of its own
+        if paths := import_paths(self.checkout, work_dir):
+            env["PYTHONPATH"] = os.pathsep.join(map(str, paths))
         self._out = work_dir / self.label
         with (work_dir / f"{self.label}.log").open("w") as log:
             self.process = subprocess.Popen(
@@ -142,17 +179,21 @@ class HostedTarget:
         health check in flight at that moment can time out and count one failure on resume
         (Serve allows several)."""
         for process in self._processes():
+            self._seen[process.pid] = process
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.send_signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        for process in self._processes():
+        """Every process ever paused, including any whose parent has died since."""
+        for process in [*self._processes(), *self._seen.values()]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
+        """Asks the target to stop its servers; kills whatever of it is still running after that."""
         if self.process is None:
             return
+        self._seen.update((process.pid, process) for process in self._processes())
         self.resume()
         with contextlib.suppress(BrokenPipeError):
             self.process.stdin.close()  # the target leaves its `with` and stops its cluster
@@ -161,6 +202,10 @@ class HostedTarget:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        for process in self._seen.values():  # e.g. a server started in a session of its own
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        self._seen.clear()
 
 
 @dataclass(eq=False)

@@ -50,6 +50,7 @@ class ProcessSampler:
 
     interval_s: float = 0.5
     within: int | None = None  # only this process's descendants (one of several stacks on the machine)
+    exclude: tuple[int, ...] = ()  # else every process but these and their descendants (stacks not under load)
     _baseline: dict[int, float] = field(default_factory=dict)
     _latest: dict[int, tuple[str, float]] = field(default_factory=dict)
     _peak_rss: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -75,12 +76,10 @@ class ProcessSampler:
     def _candidates(self) -> list[Any]:
         import psutil
 
-        if self.within is None:
-            return list(psutil.process_iter())
-        try:
-            return psutil.Process(self.within).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
+        if self.within is not None:
+            return descendants(self.within)
+        skipped = {process.pid for root in self.exclude for process in descendants(root, including_root=True)}
+        return [process for process in psutil.process_iter() if process.pid not in skipped]
 
     def _record(self, seen: dict[int, tuple[str, float, int]]) -> None:
         rss: dict[str, int] = defaultdict(int)
@@ -117,6 +116,16 @@ class ProcessSampler:
         return dict(stages)
 
 
+def descendants(root: int, including_root: bool = False) -> list[Any]:
+    import psutil
+
+    try:
+        process = psutil.Process(root)
+        return [process, *process.children(recursive=True)] if including_root else process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
 def per_thousand_requests(usage: dict[str, StageUsage], requests: int) -> dict[str, dict[str, float]]:
     """CPU seconds per 1,000 requests and peak RSS (MiB) per stage, plus the total outside the engine core."""
     scale = 1000 / max(requests, 1)
@@ -129,9 +138,9 @@ def per_thousand_requests(usage: dict[str, StageUsage], requests: int) -> dict[s
     return figures
 
 
-def measured(run: Any, requests_of: Any, within: int | None = None) -> Any:
+def measured(run: Any, requests_of: Any, within: int | None = None, exclude: tuple[int, ...] = ()) -> Any:
     """run() under a sampler; its result gains `processes`: per-stage CPU per 1,000 requests and RSS."""
-    with ProcessSampler(within=within) as sampler:
+    with ProcessSampler(within=within, exclude=exclude) as sampler:
         result = run()
     result["processes"] = per_thousand_requests(sampler.usage(), requests_of(result))
     return result

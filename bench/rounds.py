@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.hosting import Runner
-from bench.processes import measured
-from bench.report import OURS, median_summary, ratios
-from bench.workload import LoadPoint, Workload
+from servegraph.bench.hosting import Runner
+from servegraph.bench.processes import measured
+from servegraph.bench.report import OURS, median_summary, ratios
+from servegraph.bench.workload import LoadPoint, Workload
 
 
 def round_order(sides: list[Any], round_index: int) -> list[Any]:
@@ -78,7 +78,8 @@ def take_turn(runner: Runner, action: Callable[[], Any]) -> Any:
         runner.pause()
 
 
-Measure = Callable[[Runner, LoadPoint], dict[str, Any]]
+# measure(target, point, roots of the other targets' processes, not to be counted)
+Measure = Callable[[Runner, LoadPoint, list[int | None]], dict[str, Any]]
 
 
 @dataclass
@@ -95,18 +96,20 @@ class Rounds:
 
     def run(self, ours: Runner | None, peers: list[Runner]) -> Figures:
         """ours stays up; each peer comes up beside it, is loaded in turns with it, and stops.
-        Without peers, ours is loaded alone; if ours fails, the peers are loaded alone."""
+        Without a peer that starts, ours is loaded alone; if ours fails, the peers go on alone."""
         anchor = ours if ours is not None and self._started(ours) else None
+        paired = False
         try:
-            if not peers and anchor is not None:
-                anchor = self._pair(anchor, anchor)
             for peer in peers:
                 if self._started(peer):
                     try:
                         anchor = self._pair(anchor, peer)
+                        paired = paired or anchor is not None
                     finally:
                         peer.stop()
                 self.after_each()
+            if anchor is not None and not paired:
+                anchor = self._pair(anchor, anchor)
             if anchor is not None and self.hops:
                 self._details(anchor)
         finally:
@@ -126,28 +129,38 @@ class Rounds:
         return True
 
     def _pair(self, anchor: Runner | None, peer: Runner) -> Runner | None:
-        """Rounds of anchor and peer in turns (ABBA); returns the anchor, or None once it has failed."""
-        sides = [peer] if anchor is None or anchor is peer else [anchor, peer]  # ours alone: one side
-        try:
-            for index in range(self.rounds):
-                for point in self.points:
-                    for side in round_order(sides, index):
-                        print(f"[{peer.name} pair, round {index + 1}/{self.rounds}] {side.name} {point.label}",
-                              file=sys.stderr, flush=True)  # fmt: skip
-                        run = take_turn(side, lambda side=side, point=point: self.measure(side, point))
-                        print(f"  {run['output_throughput']:.0f} tok/s", file=sys.stderr, flush=True)
-                        self.figures.add(side.name, point.label, run, pair=peer.name)
-                        self.after_each()
-            if self.hops and peer is not anchor:
-                self._details(peer)
-        except TurnFailed as failed:
-            self._failed(failed.runner, str(failed))
-            if failed.runner is anchor and anchor is not peer:
-                anchor.stop()
-                return self._pair(None, peer)  # the peer's rounds go on, alone
-            if failed.runner is anchor:
-                anchor.stop()
-                return None
+        """Rounds of anchor and peer in turns (ABBA); returns the anchor, or None once it has failed.
+
+        Runs are filed under the peer's name while the two share the rounds (ours alone: under
+        ours). If the anchor fails, the peer's remaining turns run alone, filed apart, so that
+        no ratio mixes rounds the two did not share.
+        """
+        alone = anchor is None or anchor is peer
+        for index in range(self.rounds):
+            for point in self.points:
+                for side in round_order([peer] if alone else [anchor, peer], index):
+                    print(f"[{peer.name} pair, round {index + 1}/{self.rounds}] {side.name} {point.label}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    others = [runner.within for runner in (anchor, peer) if runner not in (None, side)]
+                    try:
+                        run = take_turn(
+                            side, lambda side=side, point=point, others=others: self.measure(side, point, others)
+                        )
+                    except TurnFailed as failed:
+                        self._failed(side, str(failed))
+                        if side is peer and anchor is not peer:
+                            return anchor  # the peer's pair ends here; the caller stops it
+                        side.stop()
+                        if anchor is peer:
+                            return None
+                        anchor, alone = None, True
+                        continue
+                    print(f"  {run['output_throughput']:.0f} tok/s", file=sys.stderr, flush=True)
+                    filed = peer.name if anchor is not None else f"{peer.name} alone"
+                    self.figures.add(side.name, point.label, run, pair=filed)
+                    self.after_each()
+        if self.hops and peer is not anchor:
+            self._details(peer)
         return anchor
 
     def _details(self, runner: Runner) -> None:
@@ -166,13 +179,14 @@ def measure_with(workload: Workload, tokenizer: Path, work_dir: Path) -> Measure
     """One load of a target at a point, with each stage's CPU counted among the target's processes."""
     turns = iter(range(1_000_000))
 
-    def measure(runner: Runner, point: LoadPoint) -> dict[str, Any]:
+    def measure(runner: Runner, point: LoadPoint, others: list[int | None]) -> dict[str, Any]:
         run_dir = work_dir / f"run-{next(turns)}"
         run_dir.mkdir()
         return measured(  # CPU per request counts the warm-up requests too: they ran under the sampler
             lambda: workload.run(runner.base_url, runner.model, tokenizer, point, run_dir),
             lambda result: result["completed"] + workload.warmups(point),
             within=runner.within,
+            exclude=tuple(pid for pid in others if pid is not None),
         )
 
     return measure

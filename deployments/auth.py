@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from deployments.errors import AdminRequiredError, AuthenticationError, PermissionDeniedError
-from models.config import AuthConfig, PriorityClass, TenantLimits, TenantSpec
+from servegraph.deployments.errors import AdminRequiredError, AuthenticationError, PermissionDeniedError
+from servegraph.models.config import AuthConfig, PriorityClass, TenantLimits, TenantSpec
 
 BEARER = "bearer "
 

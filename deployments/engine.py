@@ -18,13 +18,13 @@ from typing import Any
 
 from ray import serve
 
-from deployments.errors import BadRequestError, EngineCrashedError, EngineUnavailableError
-from deployments.messages import EngineRequest
-from deployments.stage_process import drop_serve_access_lines
-from models import cpu_amx
-from models.build import resolve_model_source
-from models.engine_config import cpu_kv_cache_bytes, cpu_threads_bind, engine_kwargs, kv_cache_bytes
-from models.spec import ModelSpec
+from servegraph.deployments.errors import BadRequestError, EngineCrashedError, EngineUnavailableError
+from servegraph.deployments.messages import EngineRequest
+from servegraph.deployments.stage_process import drop_serve_access_lines
+from servegraph.models import cpu_amx
+from servegraph.models.build import resolve_model_source
+from servegraph.models.engine_config import cpu_kv_cache_bytes, cpu_threads_bind, engine_kwargs, kv_cache_bytes
+from servegraph.models.spec import ModelSpec
 
 logger = logging.getLogger("ray.serve.servegraph.engine")
 
@@ -49,7 +49,7 @@ def _cpu_kv_cache_budget(model_source: str, spec: ModelSpec) -> int:
     return cpu_kv_cache_bytes(kv_cache_bytes(spec, config.num_hidden_layers, config.num_key_value_heads, head_dim))
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
+@serve.deployment  # options: graphs/builder.py and models/placement.py
 class Engine:
     def __init__(self, spec: ModelSpec, cache_dir: str | None = None) -> None:
         # vLLM's logging setup (dictConfig at import) closes Serve's log handlers: the

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Protocol, TypeVar
 
-from deployments.errors import (
+from servegraph.deployments.errors import (
     ContextLengthExceededError,
     EngineCrashedError,
     EngineUnavailableError,
@@ -18,7 +18,7 @@ from deployments.errors import (
     UpstreamError,
     as_openai_error,
 )
-from models.spec import CircuitBreakerConfig
+from servegraph.models.spec import CircuitBreakerConfig
 
 logger = logging.getLogger("servegraph.fallback")
 

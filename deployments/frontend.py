@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.build import resolve_model_source
-from models.engine_config import engine_kwargs
-from models.spec import ModelSpec
+from servegraph.models.build import resolve_model_source
+from servegraph.models.engine_config import engine_kwargs
+from servegraph.models.spec import ModelSpec
 
 RESPONSE_ROLE = "assistant"
 

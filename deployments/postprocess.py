@@ -17,13 +17,13 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import ModelStartingError, OpenAIError, as_openai_error, from_vllm_error
-from deployments.frontend import Frontend, build_frontend
-from deployments.messages import ModelRoute, PreparedRequest, ResponseChunk, Sealed
-from deployments.protocol import request_kind
-from deployments.stage_process import drop_serve_access_lines
-from deployments.streaming import Deadline
-from models.spec import ModelSpec
+from servegraph.deployments.errors import ModelStartingError, OpenAIError, as_openai_error, from_vllm_error
+from servegraph.deployments.frontend import Frontend, build_frontend
+from servegraph.deployments.messages import ModelRoute, PreparedRequest, ResponseChunk, Sealed
+from servegraph.deployments.protocol import request_kind
+from servegraph.deployments.stage_process import drop_serve_access_lines
+from servegraph.deployments.streaming import Deadline
+from servegraph.models.spec import ModelSpec
 
 Indexed = tuple[int, Any]  # (prompt index, vLLM RequestOutput)
 DONE_EVENT = "data: [DONE]\n\n"
@@ -235,7 +235,7 @@ def model_starting(route: ModelRoute) -> ModelStartingError:
     )
 
 
-@serve.deployment(name="postprocess", ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(name="postprocess")  # options: graphs/builder.py
 class Postprocess:
     """Pulls outputs from the engine replicas Serve picks and shapes them into the client's response."""
 

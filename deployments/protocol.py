@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from deployments.errors import BadRequestError, ContextLengthExceededError, invalid_field
+from servegraph.deployments.errors import BadRequestError, ContextLengthExceededError, invalid_field
 
 
 def new_id(prefix: str) -> str:

@@ -19,8 +19,8 @@ from typing import Protocol
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import RateLimitError
-from models.config import TenantLimits, TenantSpec
+from servegraph.deployments.errors import RateLimitError
+from servegraph.models.config import TenantLimits, TenantSpec
 
 logger = logging.getLogger("ray.serve.servegraph.quota")
 
@@ -110,7 +110,7 @@ def limited_tenants(tenants: list[TenantSpec]) -> dict[str, TenantLimits]:
     return {spec.name: spec.limits for spec in tenants if spec.limits.any}
 
 
-@serve.deployment(name="quota", num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
+@serve.deployment(name="quota")  # options: graphs/builder.py
 class Quota:
     """The one replica holding the ledger; its methods run on one event loop, so no locks.
 

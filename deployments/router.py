@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 from ray import serve
 
-from deployments.errors import model_not_found
-from deployments.messages import ModelRoute
-from deployments.protocol import ModelCard, ModelList
-from deployments.stage_process import drop_serve_access_lines
-from models.spec import CircuitBreakerConfig, ModelSpec, UpstreamSpec
+from servegraph.deployments.errors import model_not_found
+from servegraph.deployments.messages import ModelRoute
+from servegraph.deployments.protocol import ModelCard, ModelList
+from servegraph.deployments.stage_process import drop_serve_access_lines
+from servegraph.models.spec import CircuitBreakerConfig, ModelSpec, UpstreamSpec
 
 TrafficWeights = Mapping[str, Mapping[str, float]]  # model name -> version -> weight
 
@@ -154,7 +154,7 @@ class ModelRegistry:
         )
 
 
-@serve.deployment(name="router", ray_actor_options={"num_cpus": 0})
+@serve.deployment(name="router")  # options: graphs/builder.py
 class Router:
     """Owns the registry; ingress replicas fetch a copy once and route in-process."""
 

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 from pydantic import BaseModel
 
-from deployments.errors import as_openai_error
-from deployments.messages import ResponseChunk
+from servegraph.deployments.errors import as_openai_error
+from servegraph.deployments.messages import ResponseChunk
 
 # A child of Serve's logger, so lines land in the replica's log file in Serve's encoding
 # (JSON when the Serve config's logging_config says so) with Serve's request_id attached.

@@ -13,12 +13,12 @@ from typing import Any
 
 from ray import serve
 
-from deployments.errors import BadRequestError, ContextLengthExceededError, from_vllm_error
-from deployments.frontend import Frontend, build_frontend
-from deployments.messages import EngineRequest, ModelRoute, PreparedRequest, Sealed
-from deployments.protocol import ClientRequest, as_bad_request, parse_vllm
-from deployments.stage_process import drop_serve_access_lines
-from models.spec import LongPromptPolicy, ModelSpec
+from servegraph.deployments.errors import BadRequestError, ContextLengthExceededError, from_vllm_error
+from servegraph.deployments.frontend import Frontend, build_frontend
+from servegraph.deployments.messages import EngineRequest, ModelRoute, PreparedRequest, Sealed
+from servegraph.deployments.protocol import ClientRequest, as_bad_request, parse_vllm
+from servegraph.deployments.stage_process import drop_serve_access_lines
+from servegraph.models.spec import LongPromptPolicy, ModelSpec
 
 TRUNCATION_SIDE = {LongPromptPolicy.truncate_left: "left", LongPromptPolicy.truncate_right: "right"}
 PROMPT_PARAM = {"chat": "messages", "completion": "prompt", "responses": "input"}  # where a prompt's problems are
@@ -315,7 +315,7 @@ def message_text(content: Any) -> Any:
     return content
 
 
-@serve.deployment(name="tokenizer", ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(name="tokenizer")  # options: graphs/builder.py
 class Tokenizer:
     """Holds a PromptTokenizer per model version of the graph."""
 

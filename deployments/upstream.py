@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 
-from deployments.errors import BadRequestError, OpenAIError, OverloadedError, UpstreamError
-from deployments.messages import ResponseChunk
-from deployments.protocol import ClientRequest
-from models.spec import UpstreamSpec
+from servegraph.deployments.errors import BadRequestError, OpenAIError, OverloadedError, UpstreamError
+from servegraph.deployments.messages import ResponseChunk
+from servegraph.deployments.protocol import ClientRequest
+from servegraph.models.spec import UpstreamSpec
 
 
 class RequestRate:

@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from deployments.telemetry import CLIENT_CLOSED_REQUEST, RequestRecord
-from models.config import UsageConfig
+from servegraph.deployments.telemetry import CLIENT_CLOSED_REQUEST, RequestRecord
+from servegraph.models.config import UsageConfig
 
 logger = logging.getLogger("ray.serve.servegraph.usage")
 

@@ -6,20 +6,34 @@ from typing import Any
 
 from ray.serve import Application
 
-from autoscale.policy import StageKind, engine_autoscaling, stage_autoscaling
-from deployments.admin import Admin
-from deployments.engine import Engine
-from deployments.ingress import Ingress
-from deployments.postprocess import Postprocess
-from deployments.quota import Quota, limited_tenants
-from deployments.router import Router
-from deployments.tokenizer import Tokenizer
-from models.config import AdminAppArgs, LLMAppArgs
-from models.placement import KNOWN_GPU_MEMORY_GIB, EngineMemory, check_memory, engine_deployment_options, model_shape
+from servegraph.autoscale.policy import StageKind, engine_autoscaling, stage_autoscaling
+from servegraph.deployments.admin import Admin
+from servegraph.deployments.engine import Engine
+from servegraph.deployments.ingress import Ingress
+from servegraph.deployments.postprocess import Postprocess
+from servegraph.deployments.quota import Quota, limited_tenants
+from servegraph.deployments.router import Router
+from servegraph.deployments.tokenizer import Tokenizer
+from servegraph.models.config import AdminAppArgs, LLMAppArgs
+from servegraph.models.placement import (
+    KNOWN_GPU_MEMORY_GIB,
+    EngineMemory,
+    check_memory,
+    engine_deployment_options,
+    model_shape,
+)
 
 LIGHT_STAGE_CPUS = 0.1
 STAGE_MAX_ONGOING_REQUESTS = 512
 STAGE_MAX_QUEUED_REQUESTS = 2048
+# Every deployment's options are set here (engines: here and models/placement.py), none in the
+# deployments' decorators, so there is one place to read what a stage asks of the cluster.
+QUOTA_OPTIONS: dict[str, Any] = {
+    "num_replicas": 1,  # one ledger: limits hold across every ingress replica
+    "max_ongoing_requests": 4096,  # every ingress's admit and settle calls, each a few microseconds
+    "ray_actor_options": {"num_cpus": 0},
+}
+ADMIN_OPTIONS: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0}}  # reads usage files now and then
 
 
 def check_gpu_budgets(args: LLMAppArgs) -> None:
@@ -56,13 +70,14 @@ def build_llm_app(args: LLMAppArgs) -> Application:
     router = Router.options(**light_stage(StageKind.router)).bind(args.models, args.upstreams)
     tokenizer = Tokenizer.options(**light_stage(StageKind.tokenizer)).bind(args.models, args.cache_dir)
     postprocess = Postprocess.options(**light_stage(StageKind.postprocess)).bind(args.models, engines, args.cache_dir)
-    quota = Quota.bind(args.auth.tenants) if limited_tenants(args.auth.tenants) else None
+    quota = Quota.options(**QUOTA_OPTIONS).bind(args.auth.tenants) if limited_tenants(args.auth.tenants) else None
     return Ingress.options(**light_stage(StageKind.ingress)).bind(
         router, tokenizer, postprocess, args.auth, args.usage, quota
     )
 
 
 def light_stage(kind: StageKind) -> dict[str, Any]:
+    """Options of the stages that hold requests but little CPU each: ingress, tokenizer, router, postprocess."""
     return {
         "ray_actor_options": {"num_cpus": LIGHT_STAGE_CPUS},
         "max_ongoing_requests": STAGE_MAX_ONGOING_REQUESTS,
@@ -72,4 +87,4 @@ def light_stage(kind: StageKind) -> dict[str, Any]:
 
 
 def build_admin_app(args: AdminAppArgs) -> Application:
-    return Admin.bind(args.llm_app, args.auth)
+    return Admin.options(**ADMIN_OPTIONS).bind(args.llm_app, args.auth)

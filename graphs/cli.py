@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 if TYPE_CHECKING:
-    from models.spec import ModelSpec
+    from servegraph.models.spec import ModelSpec
 
 
 class ConfigError(Exception):
@@ -64,8 +64,8 @@ def validate_config(path: Path) -> list[str]:
 
 def check_ingress_config(where: str, app_config) -> None:
     """The ingress user_config (traffic weights) must name the app's own models and versions."""
-    from deployments.router import ModelRegistry
-    from models.config import IngressConfig, LLMAppArgs
+    from servegraph.deployments.router import ModelRegistry
+    from servegraph.models.config import IngressConfig, LLMAppArgs
 
     ingress = next((d for d in app_config.deployments if d.name == "ingress"), None)
     user_config = getattr(ingress, "user_config", None)
@@ -83,8 +83,8 @@ def check_ingress_config(where: str, app_config) -> None:
 
 def build_models(path: Path) -> list[Path]:
     """Build the config's local models now so the first deploy does not wait for them."""
-    from models.build import default_cache_dir, ensure_local_model
-    from models.config import LLMAppArgs
+    from servegraph.models.build import default_cache_dir, ensure_local_model
+    from servegraph.models.config import LLMAppArgs
 
     built = []
     for app_config in yaml.safe_load(path.read_text())["applications"]:
@@ -105,8 +105,8 @@ def engine_replicas(app_config: dict, spec: ModelSpec) -> int:
 
 def plan_config(path: Path, node_types) -> list[str]:
     """The placement of every GPU application of a Serve config; PlacementError if one does not fit."""
-    from models.config import LLMAppArgs
-    from models.placement import plan_placement
+    from servegraph.models.config import LLMAppArgs
+    from servegraph.models.placement import plan_placement
 
     reports = []
     for app_config in yaml.safe_load(path.read_text())["applications"]:
@@ -122,7 +122,7 @@ def plan_config(path: Path, node_types) -> list[str]:
 
 
 def cluster_node_types(args: argparse.Namespace):
-    from models.cluster import load_launcher_config, node_types_from_launcher, node_types_from_live_cluster
+    from servegraph.models.cluster import load_launcher_config, node_types_from_launcher, node_types_from_live_cluster
 
     gpu_memory = dict(item.split("=", 1) for item in args.gpu_memory)
     gpu_memory = {gpu: float(gib) for gpu, gib in gpu_memory.items()}
@@ -140,8 +140,8 @@ USAGE_COLUMNS = ["day", "tenant", "model", "requests", "succeeded", "failed", "c
 
 def usage_report(args: argparse.Namespace) -> str:
     """A fixed-width table of summarize()'s rows, with a total line."""
-    from deployments.usage import read_usage, summarize
-    from models.config import UsageConfig
+    from servegraph.deployments.usage import read_usage, summarize
+    from servegraph.models.config import UsageConfig
 
     directory = args.dir or UsageConfig().directory()
     report = summarize(
@@ -156,7 +156,7 @@ def usage_report(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.placement import PlacementError
+    from servegraph.models.placement import PlacementError
 
     parser = argparse.ArgumentParser(prog="servegraph", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     usage_command.add_argument("--until", type=date.fromisoformat, help="last day, YYYY-MM-DD (UTC)")
     args = parser.parse_args(argv)
     if args.command == "hash-key":
-        from deployments.auth import hash_key
+        from servegraph.deployments.auth import hash_key
 
         print(hash_key(sys.stdin.readline().strip()))
         return 0
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     for model_dir in build_models(args.config):
         print(f"model ready: {model_dir}")
     if args.command == "run":
-        from graphs.local_cluster import SERVE_ENV, haproxy_env
+        from servegraph.graphs.local_cluster import SERVE_ENV, haproxy_env
 
         for name, value in (SERVE_ENV | haproxy_env()).items():
             os.environ.setdefault(name, value)

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from models.spec import LocalBuildRecipe, ModelSpec
+from servegraph.models.spec import LocalBuildRecipe, ModelSpec
 
 CORPUS_PATH = Path(__file__).with_name("corpus.txt")
 SPECIAL_TOKENS = ["<|end|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]

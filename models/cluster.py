@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from models.placement import NodeType
+from servegraph.models.placement import NodeType
 
 ACCELERATOR_PREFIX = "accelerator_type:"
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from models.spec import NAME_PATTERN, ModelSpec, StrictModel, UpstreamSpec
+from servegraph.models.spec import NAME_PATTERN, ModelSpec, StrictModel, UpstreamSpec
 
 
 class PriorityClass(str, Enum):

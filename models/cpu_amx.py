@@ -22,7 +22,7 @@ import logging
 import os
 from typing import get_args
 
-from models.spec import CpuAmxMode
+from servegraph.models.spec import CpuAmxMode
 
 MODE_ENV = "SERVEGRAPH_CPU_AMX"
 PLUGIN_NAME = "servegraph_cpu_amx"  # the entry point's name in pyproject.toml

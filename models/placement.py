@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.spec import ModelShape, ModelSpec
+from servegraph.models.spec import ModelShape, ModelSpec
 
 GIB = 2**30
 MEMORY_HEADROOM = 0.08  # of each engine's share: CUDA context, activations, allocator fragmentation

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from models.build import ensure_local_model
-from models.spec import LocalBuildRecipe, ModelSpec
+from servegraph.models.build import ensure_local_model
+from servegraph.models.spec import LocalBuildRecipe, ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -106,7 +106,7 @@ def tiny_tokenizer(tiny_spec: ModelSpec, model_cache: Path):
 @pytest.fixture(scope="session")
 def frontend_for(model_cache: Path):
     """vLLM's front end (renderer, serving classes) for a spec, as each stage builds it; one per context length."""
-    from deployments.frontend import build_frontend
+    from servegraph.deployments.frontend import build_frontend
 
     built = {}
 

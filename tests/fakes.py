@@ -11,10 +11,10 @@ import asyncio
 import copy
 from collections.abc import AsyncIterator
 
-from deployments.messages import EngineRequest, GenerationCall, PreparedRequest, ResponseChunk
-from deployments.postprocess import ResponseShaper
-from deployments.router import ModelRegistry
-from deployments.tokenizer import PromptTokenizer
+from servegraph.deployments.messages import EngineRequest, GenerationCall, PreparedRequest, ResponseChunk
+from servegraph.deployments.postprocess import ResponseShaper
+from servegraph.deployments.router import ModelRegistry
+from servegraph.deployments.tokenizer import PromptTokenizer
 
 
 class FakeClock:

@@ -8,10 +8,10 @@ import sys
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.auth import TenantDirectory, hash_key
-from deployments.errors import AuthenticationError
-from deployments.ingress import build_openai_app
-from models.config import AuthConfig, TenantSpec
+from servegraph.deployments.auth import TenantDirectory, hash_key
+from servegraph.deployments.errors import AuthenticationError
+from servegraph.deployments.ingress import build_openai_app
+from servegraph.models.config import AuthConfig, TenantSpec
 from tests.fakes import InProcessStages, ScriptedEngine
 
 
@@ -94,13 +94,13 @@ def test_fallbacks_outside_the_tenant_are_not_used(client):
 
 
 def test_hash_key_command_reads_the_key_from_stdin():
-    result = subprocess.run([sys.executable, "-m", "graphs.cli", "hash-key"], input="sk-a\n", capture_output=True,
-                            text=True, timeout=60)  # fmt: skip
+    command = [sys.executable, "-m", "servegraph.graphs.cli", "hash-key"]
+    result = subprocess.run(command, input="sk-a\n", capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == hash_key("sk-a")
 
 
 def test_tenants_name_served_models(tiny_spec):
-    from models.config import LLMAppArgs
+    from servegraph.models.config import LLMAppArgs
 
     tenants = {"tenants": [{"name": "a", "key_hashes": [hash_key("k")], "models": ["tiny-chat"]}]}
     with pytest.raises(ValueError, match=r"does not serve: \['tiny-chat'\]"):

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import load_points, parse_args
-from bench.report import median_summary, plot, ratio_table, ratios, table
-from bench.rounds import Rounds, round_order
-from bench.workload import LoadPoint, Workload
+from servegraph.bench.compare import load_points, parse_args
+from servegraph.bench.report import median_summary, plot, ratio_table, ratios, table
+from servegraph.bench.rounds import Rounds, round_order
+from servegraph.bench.workload import LoadPoint, Workload
 
 
 def summary(tok_s: float, ttft_ms: float) -> dict:
@@ -68,7 +68,7 @@ class FakeRunner:
     around targets are pure logic. Every runner of a test shares one list of what happened."""
 
     def __init__(self, name: str, events: list, starts: bool = True, fails_at_turn: int | None = None) -> None:
-        self.name, self.model, self.base_url, self.within = name, "tiny", "", None
+        self.name, self.model, self.base_url, self.within = name, "tiny", "", len(events) + 1000 + id(self) % 997
         self.events, self._starts, self._fails_at_turn, self.turns = events, starts, fails_at_turn, 0
         self.running = False
 
@@ -95,8 +95,9 @@ def rounds_of(runners: list[FakeRunner], tok_s: dict[tuple[str, str], float], ro
     """Rounds whose measure checks that only the runner under load runs, and gives tok_s[(name, peer started last)]."""
     events = runners[0].events
 
-    def measure(runner: FakeRunner, point: LoadPoint) -> dict:
+    def measure(runner: FakeRunner, point: LoadPoint, others: list) -> dict:
         assert [r.name for r in runners if r.running] == [runner.name]
+        assert runner.within not in others  # the others' processes are left out of its CPU figures
         runner.turns += 1
         if runner.turns == runner._fails_at_turn:
             raise RuntimeError("vllm bench serve exited with 1")
@@ -157,6 +158,25 @@ def test_when_our_graph_fails_the_peers_are_still_measured_alone():
     assert set(figures.failures) == {"servegraph"}
     assert [event[1] for event in events if event[0] == "load"] == ["vllm", "vllm", "ray-llm", "ray-llm"]
     assert figures.ratios() == {"vllm": {}, "ray-llm": {}}
+    assert {run["pair"] for run in figures.rounds["vllm"]["c=8"]} == {"vllm alone"}
+
+
+def test_when_our_graph_fails_mid_pair_the_peer_finishes_its_rounds_alone_filed_apart():
+    events: list = []
+    ours, vllm = FakeRunner("servegraph", events, fails_at_turn=2), FakeRunner("vllm", events)
+    figures = rounds_of([ours, vllm], {}, rounds=3).run(ours, [vllm])
+    # round 1: ours, vllm; round 2: vllm, ours (fails); round 3: vllm alone
+    assert [event[1] for event in events if event[0] == "load"] == ["servegraph", "vllm", "vllm", "vllm"]
+    assert [run["pair"] for run in figures.rounds["vllm"]["c=8"]] == ["vllm", "vllm", "vllm alone"]
+    assert figures.ratios()["vllm"]["c=8"]["throughput_ratio_by_round"] == [1.0]  # only the shared round
+    assert ("stop", "servegraph") in events
+
+
+def test_when_no_peer_starts_our_graph_is_still_loaded_alone():
+    events: list = []
+    ours, broken = FakeRunner("servegraph", events), FakeRunner("vllm", events, starts=False)
+    figures = rounds_of([ours, broken], {}).run(ours, [broken])
+    assert figures.results()["servegraph"]["c=8"]["rounds"] == 2 and set(figures.failures) == {"vllm"}
 
 
 def test_our_graph_alone_is_loaded_in_rounds_too():
@@ -193,13 +213,13 @@ def test_a_median_summary_takes_medians_of_figures_and_sums_request_counts():
     ],
 )
 def test_processes_are_told_apart_by_their_titles(title, stage):
-    from bench.processes import stage_of
+    from servegraph.bench.processes import stage_of
 
     assert stage_of(title) == stage
 
 
 def test_process_usage_is_per_thousand_requests_with_the_total_outside_the_engine_core():
-    from bench.processes import ENGINE_CORE, StageUsage, per_thousand_requests
+    from servegraph.bench.processes import ENGINE_CORE, StageUsage, per_thousand_requests
 
     usage = {"ingress": StageUsage(2.0, 3 * 2**20), ENGINE_CORE: StageUsage(10.0, 2**30), "proxy": StageUsage(1.0, 0)}
     figures = per_thousand_requests(usage, requests=500)
@@ -211,7 +231,7 @@ def test_a_process_sampler_measures_the_cpu_a_stage_process_burns():
     import subprocess
     import sys
 
-    from bench.processes import ProcessSampler
+    from servegraph.bench.processes import ProcessSampler
 
     burn = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass"
     with ProcessSampler(interval_s=0.05) as sampler:
@@ -221,7 +241,7 @@ def test_a_process_sampler_measures_the_cpu_a_stage_process_burns():
 
 
 def test_ab_alternates_which_side_goes_first_and_reports_after_over_before():
-    from bench.ab import report
+    from servegraph.bench.ab import report
 
     assert [round_order(["a", "b"], i) for i in range(4)] == [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from graphs.cli import ConfigError, validate_config
-from graphs.local_cluster import ROOT, load_config
+from servegraph.graphs.cli import ConfigError, validate_config
+from servegraph.graphs.local_cluster import ROOT, load_config
 
 
 def write_config(tmp_path: Path, config: dict) -> Path:
@@ -64,7 +64,7 @@ def test_run_exits_before_starting_ray(tmp_path):
     config = load_config()
     llm_app(config)["args"]["models"][0]["long_prompt"] = "truncate_middle"
     result = subprocess.run(
-        [sys.executable, "-m", "graphs.cli", "run", str(write_config(tmp_path, config))],
+        [sys.executable, "-m", "servegraph.graphs.cli", "run", str(write_config(tmp_path, config))],
         capture_output=True,
         text=True,
         timeout=120,
@@ -77,7 +77,7 @@ DEPLOY_IN_OWN_CLUSTER = """
 import sys
 from pathlib import Path
 import yaml
-from graphs.local_cluster import LocalServeCluster
+from servegraph.graphs.local_cluster import LocalServeCluster
 config = yaml.safe_load(Path(sys.argv[1]).read_text())
 LocalServeCluster(config, Path(sys.argv[1]).parent).start(timeout_s=180)
 """
@@ -100,7 +100,7 @@ def test_plain_serve_deploy_fails_in_the_controller_before_any_replica(tmp_path)
 
 
 def test_haproxy_mode_keeps_each_cluster_apart(monkeypatch):
-    from graphs.local_cluster import haproxy_env
+    from servegraph.graphs.local_cluster import haproxy_env
 
     monkeypatch.delenv("SERVEGRAPH_HAPROXY", raising=False)
     first, second = haproxy_env(isolated=True), haproxy_env(isolated=True)
@@ -114,7 +114,7 @@ def test_haproxy_mode_keeps_each_cluster_apart(monkeypatch):
 
 
 def test_a_lasting_port_is_never_one_already_chosen(monkeypatch):
-    from graphs.local_cluster import RAY_WORKER_PORTS_END, haproxy_env, lasting_free_port
+    from servegraph.graphs.local_cluster import RAY_WORKER_PORTS_END, haproxy_env, lasting_free_port
 
     monkeypatch.delenv("SERVEGRAPH_HAPROXY", raising=False)
     gap = range(RAY_WORKER_PORTS_END + 1, int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0]))

@@ -8,8 +8,8 @@ import pickle
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.ingress import build_openai_app
-from deployments.telemetry import RequestRecord
+from servegraph.deployments.ingress import build_openai_app
+from servegraph.deployments.telemetry import RequestRecord
 from tests.fakes import InProcessStages, ScriptedEngine
 
 
@@ -250,11 +250,11 @@ def test_the_ingress_never_imports_vllm_even_when_relaying_a_sealed_prepared_req
 
     from vllm import SamplingParams
 
-    from deployments.messages import Sealed
+    from servegraph.deployments.messages import Sealed
 
     sealed = pickle.dumps(Sealed.of(SamplingParams(max_tokens=3)))
     check = (
-        "import pickle, sys\nimport deployments.ingress\n"
+        "import pickle, sys\nimport servegraph.deployments.ingress\n"
         "relayed = pickle.loads(sys.stdin.buffer.read())\n"
         "assert not any(m.split('.')[0] in ('vllm', 'torch') for m in sys.modules), 'vLLM or torch imported'\n"
         "assert pickle.loads(pickle.dumps(relayed)).blob == relayed.blob\n"
@@ -267,7 +267,7 @@ def test_inner_stages_drop_only_serves_access_line():
     re-creates its handlers."""
     import logging
 
-    from deployments.stage_process import SERVE_LOGGER_NAME, drop_serve_access_lines
+    from servegraph.deployments.stage_process import SERVE_LOGGER_NAME, drop_serve_access_lines
 
     serve_logger = logging.getLogger(SERVE_LOGGER_NAME)
     kept: list[str] = []

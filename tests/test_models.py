@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from models.build import build_local_model, ensure_local_model
-from models.engine_config import cpu_kv_cache_bytes, engine_kwargs, kv_cache_bytes
-from models.spec import LocalBuildRecipe, ModelSpec
+from servegraph.models.build import build_local_model, ensure_local_model
+from servegraph.models.engine_config import cpu_kv_cache_bytes, engine_kwargs, kv_cache_bytes
+from servegraph.models.spec import LocalBuildRecipe, ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_kv_cache_budget_arithmetic(tiny_spec):
 def test_cpu_amx_plugin_is_registered_with_vllm():
     from importlib.metadata import entry_points
 
-    from models import cpu_amx
+    from servegraph.models import cpu_amx
 
     plugins = {ep.name: ep for ep in entry_points(group="vllm.general_plugins")}
     assert plugins["servegraph_cpu_amx"].load() is cpu_amx.prepare_process
@@ -87,7 +87,7 @@ def test_cpu_amx_plugin_is_registered_with_vllm():
 def test_cpu_amx_modes(monkeypatch):
     import torch
 
-    from models import cpu_amx
+    from servegraph.models import cpu_amx
 
     monkeypatch.setenv(cpu_amx.MODE_ENV, "sometimes")
     with pytest.raises(ValueError, match="auto, off, vllm"):
@@ -110,7 +110,7 @@ def test_cpu_amx_modes(monkeypatch):
 
 
 def test_process_guard_sees_a_parent_gone_once_the_child_is_handed_to_another():
-    from models.process_guard import parent_gone
+    from servegraph.models.process_guard import parent_gone
 
     assert not parent_gone(4242, current_parent=lambda: 4242)
     assert parent_gone(4242, current_parent=lambda: 1)
@@ -126,7 +126,7 @@ def test_a_vllm_child_whose_parent_is_killed_exits_with_it(tmp_path):
     script = tmp_path / "family.py"
     script.write_text(
         "import multiprocessing, time\n"
-        "from models.process_guard import watch_parent\n"
+        "from servegraph.models.process_guard import watch_parent\n"
         "def child():\n    watch_parent()\n    time.sleep(120)\n"
         "if __name__ == '__main__':\n"
         "    multiprocessing.set_start_method('spawn')\n"

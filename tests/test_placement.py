@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from graphs.cli import main as servegraph
-from graphs.cli import plan_config, validate_config
-from graphs.local_cluster import ROOT
-from models.cluster import load_launcher_config, node_types_from_launcher, validate_launcher_config
-from models.engine_config import cpu_threads_bind, engine_kwargs
-from models.placement import (
+from servegraph.graphs.cli import main as servegraph
+from servegraph.graphs.cli import plan_config, validate_config
+from servegraph.graphs.local_cluster import ROOT
+from servegraph.models.cluster import load_launcher_config, node_types_from_launcher, validate_launcher_config
+from servegraph.models.engine_config import cpu_threads_bind, engine_kwargs
+from servegraph.models.placement import (
     EngineMemory,
     NodeType,
     PlacementError,
@@ -20,7 +20,7 @@ from models.placement import (
     plan_placement,
     shape_from_hf_config,
 )
-from models.spec import ModelShape, ModelSpec
+from servegraph.models.spec import ModelShape, ModelSpec
 
 SMALL = ModelShape(num_parameters=1_500_000_000, num_layers=28, num_kv_heads=2, head_dim=128)
 LLAMA_8B_CONFIG = {
@@ -137,7 +137,7 @@ def test_cluster_yaml_is_a_valid_ray_cluster_launcher_config():
 
 def test_cluster_yaml_starts_every_node_with_the_graphs_serve_environment():
     """Serve reads these at import on every node: a knob missing from cluster.yaml is silently off."""
-    from graphs.local_cluster import SERVE_ENV
+    from servegraph.graphs.local_cluster import SERVE_ENV
 
     config = load_launcher_config(ROOT / "cluster.yaml")
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):

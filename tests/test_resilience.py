@@ -9,15 +9,15 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from autoscale.policy import StageKind, engine_scaling, replicas_for_load, stage_autoscaling
-from deployments.errors import EngineCrashedError, RateLimitError
-from deployments.fallback import BreakerState, CircuitBreaker, FallbackChain
-from deployments.ingress import SERVED_BY_HEADER, build_openai_app
-from deployments.protocol import ClientRequest
-from deployments.router import ModelRegistry, TrafficSplit
-from deployments.upstream import RequestRate, UpstreamClient
-from models.config import IngressConfig, LLMAppArgs
-from models.spec import CircuitBreakerConfig, EngineAutoscaling, UpstreamSpec
+from servegraph.autoscale.policy import StageKind, engine_scaling, replicas_for_load, stage_autoscaling
+from servegraph.deployments.errors import EngineCrashedError, RateLimitError
+from servegraph.deployments.fallback import BreakerState, CircuitBreaker, FallbackChain
+from servegraph.deployments.ingress import SERVED_BY_HEADER, build_openai_app
+from servegraph.deployments.protocol import ClientRequest
+from servegraph.deployments.router import ModelRegistry, TrafficSplit
+from servegraph.deployments.upstream import RequestRate, UpstreamClient
+from servegraph.models.config import IngressConfig, LLMAppArgs
+from servegraph.models.spec import CircuitBreakerConfig, EngineAutoscaling, UpstreamSpec
 from tests.fakes import FakeClock, InProcessStages, ScriptedEngine
 
 

@@ -4,12 +4,17 @@ import asyncio
 
 import pytest
 
-from deployments.errors import BadRequestError, ContextLengthExceededError, ModelNotFoundError, as_openai_error
-from deployments.messages import ModelRoute
-from deployments.protocol import ClientRequest
-from deployments.router import ModelRegistry
-from deployments.tokenizer import PromptTokenizer
-from models.spec import LongPromptPolicy
+from servegraph.deployments.errors import (
+    BadRequestError,
+    ContextLengthExceededError,
+    ModelNotFoundError,
+    as_openai_error,
+)
+from servegraph.deployments.messages import ModelRoute
+from servegraph.deployments.protocol import ClientRequest
+from servegraph.deployments.router import ModelRegistry
+from servegraph.deployments.tokenizer import PromptTokenizer
+from servegraph.models.spec import LongPromptPolicy
 
 ROUTE = ModelRoute(model="tiny", version="v1", engine="engine-tiny-v1", timeout_s=600)
 

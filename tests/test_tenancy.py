@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.auth import TenantDirectory, hash_key
-from deployments.errors import RateLimitError
-from deployments.ingress import build_openai_app
-from deployments.quota import LocalQuotas, QuotaLedger
-from deployments.telemetry import RequestRecord
-from deployments.usage import SEGMENTS, UsageLog, UsageRecord, read_usage, recover_orphans, summarize
-from models.config import AuthConfig, TenantLimits, TenantSpec, UsageConfig
+from servegraph.deployments.auth import TenantDirectory, hash_key
+from servegraph.deployments.errors import RateLimitError
+from servegraph.deployments.ingress import build_openai_app
+from servegraph.deployments.quota import LocalQuotas, QuotaLedger
+from servegraph.deployments.telemetry import RequestRecord
+from servegraph.deployments.usage import SEGMENTS, UsageLog, UsageRecord, read_usage, recover_orphans, summarize
+from servegraph.models.config import AuthConfig, TenantLimits, TenantSpec, UsageConfig
 from tests.fakes import FakeClock, InProcessStages, ScriptedEngine
 
 
@@ -225,7 +225,7 @@ def test_usage_is_own_unless_admin(tenant_client):
 
 
 def test_usage_report_command(tmp_path, capsys):
-    from graphs.cli import main
+    from servegraph.graphs.cli import main
 
     log = UsageLog(usage_config(), "w", tmp_path)
     for rid, tenant in [("1", "a"), ("2", "a"), ("3", "b")]:

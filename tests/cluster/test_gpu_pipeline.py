@@ -23,10 +23,10 @@ def test_pipeline_parallel_replica_serves_on_two_gpus(tmp_path):
     import ray
     from ray import serve
 
-    from graphs.builder import build_llm_app
-    from graphs.local_cluster import free_port
-    from models.config import OPEN, LLMAppArgs
-    from models.spec import LocalBuildRecipe, ModelSpec
+    from servegraph.graphs.builder import build_llm_app
+    from servegraph.graphs.local_cluster import free_port
+    from servegraph.models.config import OPEN, LLMAppArgs
+    from servegraph.models.spec import LocalBuildRecipe, ModelSpec
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("SERVEGRAPH_CACHE_DIR", str(tmp_path))

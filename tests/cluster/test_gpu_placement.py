@@ -15,11 +15,11 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from graphs.builder import build_llm_app
-from graphs.local_cluster import free_port
-from models.config import OPEN, LLMAppArgs
-from models.placement import engine_deployment_options
-from models.spec import LocalBuildRecipe, ModelSpec
+from servegraph.graphs.builder import build_llm_app
+from servegraph.graphs.local_cluster import free_port
+from servegraph.models.config import OPEN, LLMAppArgs
+from servegraph.models.placement import engine_deployment_options
+from servegraph.models.spec import LocalBuildRecipe, ModelSpec
 
 TINY = LocalBuildRecipe()
 SHARED_GPU_TYPE = "T4"  # a logical label on the head node only, so both half-GPU engines must meet there

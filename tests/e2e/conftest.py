@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deployments.auth import hash_key
-from graphs.local_cluster import LocalServeCluster, lasting_free_port, load_config, wait_for
-from models.config import USAGE_DIR_ENV
+from servegraph.deployments.auth import hash_key
+from servegraph.graphs.local_cluster import LocalServeCluster, lasting_free_port, load_config, wait_for
+from servegraph.models.config import USAGE_DIR_ENV
 
 poll = wait_for
 
@@ -94,7 +94,7 @@ LIMITS_APPS = [
     {
         "name": "limits",
         "route_prefix": "/limits",
-        "import_path": "graphs.builder:build_llm_app",
+        "import_path": "servegraph.graphs.builder:build_llm_app",
         "args": {
             "accelerator": "cpu",
             "models": [
@@ -115,8 +115,8 @@ LIMITS_APPS = [
         + [{"name": name, "ray_actor_options": {"num_cpus": 0.05}, "autoscaling_config": TWO_REPLICAS}
            for name in ("ingress", "router")],
     },
-    {"name": "limits-admin", "route_prefix": "/limits-admin", "import_path": "graphs.builder:build_admin_app",
-     "args": {"llm_app": "limits", "auth": LIMITS_AUTH}},
+    {"name": "limits-admin", "route_prefix": "/limits-admin",
+     "import_path": "servegraph.graphs.builder:build_admin_app", "args": {"llm_app": "limits", "auth": LIMITS_AUTH}},
 ]  # fmt: skip
 
 
@@ -135,7 +135,7 @@ def resilience_app(upstream_port: int) -> dict:
     return {
         "name": "resilience",
         "route_prefix": "/resilience",
-        "import_path": "graphs.builder:build_llm_app",
+        "import_path": "servegraph.graphs.builder:build_llm_app",
         "args": {
             "accelerator": "cpu",
             "auth": {"enabled": False},

@@ -7,7 +7,8 @@ import sys
 
 def test_benchmark_sweeps_the_graph_and_writes_json_and_png(graph, tmp_path):
     command = [
-        sys.executable, "-m", "bench.compare", "--targets", "", "--url", graph.base_url, "--served-model", "tiny",
+        sys.executable, "-m", "servegraph.bench.compare", "--targets", "", "--url", graph.base_url,
+        "--served-model", "tiny",
         "--concurrency", "4", "--rounds", "2", "--num-prompts", "8", "--input-len", "32", "--output-len", "16",
         "--range-ratio", "0.5", "--out", str(tmp_path),
     ]  # fmt: skip
@@ -28,9 +29,9 @@ def test_benchmark_sweeps_the_graph_and_writes_json_and_png(graph, tmp_path):
 
 def test_vllm_bench_serve_runs_unchanged_against_the_graph(graph, tmp_path):
     """Its payload carries vLLM extensions (repetition_penalty, logprobs: null) we must accept."""
-    from bench.workload import LoadPoint, Workload
-    from models.build import default_cache_dir, ensure_local_model
-    from models.spec import LocalBuildRecipe
+    from servegraph.bench.workload import LoadPoint, Workload
+    from servegraph.models.build import default_cache_dir, ensure_local_model
+    from servegraph.models.spec import LocalBuildRecipe
 
     tokenizer_dir = ensure_local_model(LocalBuildRecipe(**graph.model_spec("tiny")["build"]), default_cache_dir())
     workload = Workload(input_len=32, output_len=16, num_prompts=8, endpoint="/v1/chat/completions")
@@ -40,7 +41,7 @@ def test_vllm_bench_serve_runs_unchanged_against_the_graph(graph, tmp_path):
 
 def test_hop_latencies_call_every_stage_of_the_running_graph(graph):
     """What `make bench` measures after its load points on the servegraph target (this process drives the cluster)."""
-    from bench.hops import hop_latencies
+    from servegraph.bench.hops import hop_latencies
 
     figures = hop_latencies(graph.base_url, "tiny", app="llm", repeats=3)
     assert {"tokenizer ms", "engine ms", "postprocess+engine ms", "http ms"} <= set(figures)

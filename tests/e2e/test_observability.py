@@ -9,7 +9,7 @@ import uuid
 import httpx
 import pytest
 
-from graphs.local_cluster import ROOT
+from servegraph.graphs.local_cluster import ROOT
 from tests.e2e.conftest import Graph, poll
 
 SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")

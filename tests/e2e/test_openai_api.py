@@ -7,8 +7,8 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from models.build import default_cache_dir, ensure_local_model
-from models.spec import LocalBuildRecipe
+from servegraph.models.build import default_cache_dir, ensure_local_model
+from servegraph.models.spec import LocalBuildRecipe
 from tests.e2e.conftest import Graph, poll
 
 MODELS = ["tiny", "small"]

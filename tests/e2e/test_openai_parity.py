@@ -17,9 +17,9 @@ import jsonschema
 import openai
 import pytest
 
-from bench.targets import BareVllmTarget
-from models.build import default_cache_dir, ensure_local_model
-from models.spec import ModelSpec
+from servegraph.bench.targets import BareVllmTarget
+from servegraph.models.build import default_cache_dir, ensure_local_model
+from servegraph.models.spec import ModelSpec
 from tests.e2e.conftest import Graph
 
 LOGPROB_TOLERANCE = 1e-3  # the same kernels in another process: equal up to float summation order

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from bench.targets import BareVllmTarget
-from models.build import default_cache_dir, ensure_local_model
-from models.spec import LocalBuildRecipe, ModelSpec
+from servegraph.bench.targets import BareVllmTarget
+from servegraph.models.build import default_cache_dir, ensure_local_model
+from servegraph.models.spec import LocalBuildRecipe, ModelSpec
 from tests.e2e.conftest import SERVED_BY, BackgroundLoad, poll, with_traffic
 
 

@@ -14,7 +14,7 @@ import openai
 import pytest
 import ray
 
-from deployments.usage import SEGMENTS, read_usage
+from servegraph.deployments.usage import SEGMENTS, read_usage
 from tests.e2e.conftest import ALPHA_KEY, BETA_KEY, TENANT_KEYS, BackgroundLoad, poll
 
 ALPHA = {"Authorization": f"Bearer {ALPHA_KEY}"}

@@ -1,0 +1,36 @@
+"""Who may run what: a tenant's fallback chain cut to the models it may use, and its quota lease settled."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from servegraph.deployments.auth import Tenant, model_not_allowed
+from servegraph.deployments.quota import Quotas
+from servegraph.deployments.router import Link
+from servegraph.deployments.telemetry import RequestRecord, RequestTrace
+
+
+def allowed_links(tenant: Tenant, requested: str, links: list[Link]) -> list[Link]:
+    """The chain this tenant may use: 403 for the model asked for, fallbacks it may not use dropped."""
+    primary, *fallbacks = links
+    if not tenant.allows(primary.model):
+        raise model_not_allowed(tenant, requested)
+    return [primary, *(link for link in fallbacks if tenant.allows(link.model))]
+
+
+def settling(observe: Callable[[RequestRecord], None], quotas: Quotas, tenant: str, lease: str):
+    """observe, after telling the quota store the request's tokens and freeing its slot."""
+
+    def finished(record: RequestRecord) -> None:
+        quotas.settle(tenant, lease, record.prompt_tokens + record.completion_tokens)
+        observe(record)
+
+    return finished
+
+
+async def take_lease(quotas: Quotas | None, tenant: Tenant, lease: str, trace: RequestTrace) -> None:
+    """A limited tenant's slot (429 when it has none left); the request's tokens are counted
+    against it, and the slot freed, when the trace writes the request's record."""
+    if quotas is not None and tenant.limits.any:
+        await quotas.admit(tenant.name, lease)
+        trace.observe = settling(trace.observe, quotas, tenant.name, lease)
