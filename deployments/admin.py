@@ -3,29 +3,41 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from fastapi import Depends, FastAPI, Header
+from fastapi import Depends, FastAPI, Request
 from ray import serve
 
-from servegraph.deployments.auth import Tenant, TenantDirectory, require_admin
+from servegraph.deployments.api_docs import error_responses, install_docs
+from servegraph.deployments.auth import Tenant, require_admin
+from servegraph.deployments.front_door import FrontDoor, TenantDirectory, tenant_of
 from servegraph.deployments.http_errors import install_error_handlers
 from servegraph.models.config import AuthConfig
+
+ADMIN_MAX_BODY_BYTES = 64 << 10  # its routes take no bodies
+
+
+async def no_request_bodies() -> dict[str, Any]:
+    """The admin routes take no bodies: nothing to add to the document."""
+    return {}
 
 
 def build_admin_app(llm_app: str, tenants: TenantDirectory) -> FastAPI:
     """Health is open; everything else needs an admin tenant's key (unless auth is off)."""
 
-    def admin_only(authorization: str | None = Header(None)) -> Tenant:
-        return require_admin(tenants.authenticate(authorization))
+    def admin_only(http_request: Request) -> Tenant:
+        return require_admin(tenant_of(http_request))
 
-    app = FastAPI(title="servegraph admin")
+    app = FastAPI(title="servegraph admin", openapi_url=None, docs_url=None, redoc_url=None)
+    app.add_middleware(FrontDoor, directory=tenants, max_body_bytes=ADMIN_MAX_BODY_BYTES)
+    install_docs(app, tenants.docs, no_request_bodies)
     install_error_handlers(app)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/engines", dependencies=[Depends(admin_only)])
+    @app.get("/engines", dependencies=[Depends(admin_only)], responses=error_responses(401, 403))
     async def engines() -> dict[str, dict]:
         """Counters of one replica of each engine deployment (aborted requests, tokens, unfinished).
 

@@ -28,9 +28,20 @@ def settling(observe: Callable[[RequestRecord], None], quotas: Quotas, tenant: s
     return finished
 
 
-async def take_lease(quotas: Quotas | None, tenant: Tenant, lease: str, trace: RequestTrace) -> None:
-    """A limited tenant's slot (429 when it has none left); the request's tokens are counted
-    against it, and the slot freed, when the trace writes the request's record."""
-    if quotas is not None and tenant.limits.any:
-        await quotas.admit(tenant.name, lease)
-        trace.observe = settling(trace.observe, quotas, tenant.name, lease)
+async def take_lease(
+    quotas: Quotas | None, tenant: Tenant, lease: str, trace: RequestTrace, reserve: Callable[[], int]
+) -> None:
+    """A limited tenant's slot, reserving reserve() tokens (429 when it has no room left); the
+    request's tokens are counted instead, and the slot freed, when the trace writes its record.
+
+    A request cancelled (or failed) while the quota replica admits it settles at once, as the slot
+    may have been taken; settling a lease the replica refused changes nothing.
+    """
+    if quotas is None or not tenant.limits.any:
+        return
+    try:
+        await quotas.admit(tenant.name, lease, reserve())
+    except BaseException:
+        quotas.settle(tenant.name, lease, 0)
+        raise
+    trace.observe = settling(trace.observe, quotas, tenant.name, lease)

@@ -1,17 +1,21 @@
 """Tenants and API keys: who is calling, and which models it may use.
 
 Keys are kept only as SHA-256 hashes and compared in constant time; a key read from an
-environment variable or a file is hashed at load and the plain text dropped.
+environment variable or a file is hashed at load and the plain text dropped. Backends
+(static keys, JWTs in jwt_auth.py, a team's own) sit behind one small interface,
+`Authenticator`, chosen in the config.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from servegraph.deployments.errors import AdminRequiredError, AuthenticationError, PermissionDeniedError
 from servegraph.models.config import AuthConfig, PriorityClass, TenantLimits, TenantSpec
@@ -52,30 +56,48 @@ def tenant_key_hashes(spec: TenantSpec, environ: Mapping[str, str]) -> list[str]
     return [*spec.key_hashes, *(hash_key(key.strip()) for key in keys if key.strip())]
 
 
-class TenantDirectory:
-    """Resolves an Authorization header to a tenant; with auth off, everyone is `default`."""
+class Authenticator(Protocol):
+    """An auth backend: a bearer token to its tenant, or AuthenticationError.
+
+    A team plugs in its own (`auth.authenticator: module:Class` in the config, constructed
+    with the AuthConfig); `Tenant.of(spec)` turns the config's tenants into what it returns.
+    """
+
+    async def authenticate(self, token: str) -> Tenant: ...
+
+
+class KeyAuthenticator:
+    """Static API keys, kept as SHA-256 hashes; every entry is compared, so the time says nothing of which matched."""
 
     def __init__(self, config: AuthConfig, environ: Mapping[str, str] = os.environ) -> None:
-        self.enabled = config.enabled
         self._by_hash: list[tuple[bytes, Tenant]] = []
         for spec in config.tenants:
             tenant = Tenant.of(spec)
             for key_hash in tenant_key_hashes(spec, environ):
                 self._by_hash.append((key_hash.encode(), tenant))
 
-    def authenticate(self, authorization: str | None) -> Tenant:
-        if not self.enabled:
-            return OPEN_TENANT
-        if not authorization or not authorization.lower().startswith(BEARER):
-            raise AuthenticationError("Missing API key: send `Authorization: Bearer <key>`.")
-        presented = hash_key(authorization[len(BEARER) :].strip()).encode()
+    async def authenticate(self, token: str) -> Tenant:
+        presented = hash_key(token).encode()
         found: Tenant | None = None
-        for key_hash, tenant in self._by_hash:  # every entry, so the time does not depend on which matched
+        for key_hash, tenant in self._by_hash:
             if hmac.compare_digest(presented, key_hash):
                 found = tenant
         if found is None:
             raise AuthenticationError("Incorrect API key provided.")
         return found
+
+
+def looks_like_jwt(token: str) -> bool:
+    return token.count(".") == 2
+
+
+def load_authenticator(import_path: str, config: AuthConfig) -> Authenticator:
+    """A team's own backend, named `module:Class` in the config."""
+    module_name, _, class_name = import_path.partition(":")
+    backend = getattr(importlib.import_module(module_name), class_name)(config)
+    if not callable(getattr(backend, "authenticate", None)):
+        raise TypeError(f"{import_path} has no authenticate(token) method")
+    return backend
 
 
 def require_admin(tenant: Tenant) -> Tenant:

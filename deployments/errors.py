@@ -54,6 +54,11 @@ class ContextLengthExceededError(BadRequestError):
     default_code = "context_length_exceeded"
 
 
+class PayloadTooLargeError(OpenAIError):
+    status_code = 413
+    default_code = "payload_too_large"
+
+
 class AuthenticationError(OpenAIError):
     status_code = 401
     default_code = "invalid_api_key"

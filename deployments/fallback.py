@@ -1,7 +1,8 @@
-"""Fallback policy: which failures move a request to the next target, and circuit breakers."""
+"""Fallback: which failures move a request to the next target (a policy chosen in config), and circuit breakers."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -94,6 +95,34 @@ def moves_on(error: OpenAIError) -> bool:
     return isinstance(error, ServiceUnavailableError | ContextLengthExceededError) or is_target_failure(error)
 
 
+class FallbackPolicy(Protocol):
+    """Which failures count against a target's breaker, and which move a request down its chain.
+
+    Chosen in the config (`fallback_policy: module:Class`, constructed without arguments); a
+    team that wants, say, no context-window fallback or a fallback on timeouts plugs in its own.
+    """
+
+    def counts_as_failure(self, error: OpenAIError) -> bool: ...
+    def moves_on(self, error: OpenAIError) -> bool: ...
+
+
+class DefaultFallbackPolicy:
+    """Broken targets count; overload, cold starts, broken targets and too-long prompts move on."""
+
+    def counts_as_failure(self, error: OpenAIError) -> bool:
+        return is_target_failure(error)
+
+    def moves_on(self, error: OpenAIError) -> bool:
+        return moves_on(error)
+
+
+def load_fallback_policy(import_path: str | None) -> FallbackPolicy:
+    if import_path is None:
+        return DefaultFallbackPolicy()
+    module_name, _, class_name = import_path.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)()
+
+
 class ChainLink(Protocol):
     name: str
     breaker: CircuitBreakerConfig
@@ -105,9 +134,10 @@ LinkT = TypeVar("LinkT", bound=ChainLink)
 class FallbackChain:
     """Tries a request's targets in order, with one breaker per target; one instance per ingress replica."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, policy: FallbackPolicy | None = None) -> None:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._clock = clock
+        self._policy = policy or DefaultFallbackPolicy()
 
     def breaker(self, link: ChainLink) -> CircuitBreaker:
         if link.name not in self._breakers:
@@ -134,13 +164,13 @@ class FallbackChain:
                     result = await attempt(link)
                 except Exception as exc:
                     error = as_openai_error(exc)
-                    if is_target_failure(error):
+                    if self._policy.counts_as_failure(error):
                         breaker.failed()
                     else:
                         breaker.released()
                     if not retry and isinstance(error, EngineUnavailableError) and breaker.allow():
                         continue
-                    if not moves_on(error):
+                    if not self._policy.moves_on(error):
                         raise error from exc
                     errors.append(error)
                     break

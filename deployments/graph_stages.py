@@ -31,6 +31,7 @@ class GraphStages(Protocol):
     def upstream(self, upstream: UpstreamSpec) -> UpstreamClient: ...
     async def model_list(self) -> ModelList: ...
     async def tokenizer_call(self, method: str, route: ModelRoute, body: dict[str, Any]) -> dict[str, Any]: ...
+    async def request_body_schemas(self) -> dict[str, Any]: ...
 
 
 class HandleStages:
@@ -92,6 +93,10 @@ class HandleStages:
     async def tokenizer_call(self, method: str, route: ModelRoute, body: dict[str, Any]) -> dict[str, Any]:
         """The tokenizer stage's `tokenize` or `detokenize` for one model version."""
         return await getattr(self._tokenizer, method).remote(route, body)
+
+    async def request_body_schemas(self) -> dict[str, Any]:
+        """vLLM's request models as OpenAPI schemas (protocol.request_body_schemas), made in the tokenizer stage."""
+        return await self._tokenizer.request_body_schemas.remote()
 
 
 def timeout_error(model: str, timeout_s: float | None) -> RequestTimeoutError:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +13,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from servegraph.deployments.errors import BadRequestError, OpenAIError, as_openai_error, invalid_field
+from servegraph.deployments.request_limits import parse_body
 
 logger = logging.getLogger("servegraph.ingress")
 
@@ -58,11 +58,8 @@ def install_error_handlers(app: FastAPI, on_rejected: Callable[[Request, OpenAIE
 
 
 async def json_object(http_request: Request) -> dict[str, Any]:
-    """The request body as a JSON object; 400 for anything else."""
-    try:
-        body = json.loads(await http_request.body())
-    except ValueError as exc:  # UnicodeDecodeError included
-        raise BadRequestError(f"The request body is not valid JSON: {exc}") from None
+    """The body as a JSON object every stage can handle (request_limits.parse_body); 400 for anything else."""
+    body = parse_body(await http_request.body())
     if not isinstance(body, dict):
         raise BadRequestError("The request body must be a JSON object.")
     return body

@@ -18,25 +18,28 @@ from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from servegraph.deployments.admission import allowed_links, take_lease
-from servegraph.deployments.auth import OPEN_TENANT, Tenant, TenantDirectory, model_not_allowed, require_admin
+from servegraph.deployments.api_docs import MODEL_STATUSES, error_responses, generation_responses, install_docs
+from servegraph.deployments.auth import Tenant, model_not_allowed, require_admin
 from servegraph.deployments.errors import BadRequestError, OpenAIError, model_not_found
-from servegraph.deployments.fallback import FallbackChain
+from servegraph.deployments.fallback import FallbackChain, load_fallback_policy
+from servegraph.deployments.front_door import TENANT_STATE, FrontDoor, TenantDirectory, tenant_of
 from servegraph.deployments.graph_stages import GraphStages, HandleStages, LinkAttempts, link_timeout, timeout_error
 from servegraph.deployments.http_errors import install_error_handlers, json_object
 from servegraph.deployments.http_stream import sse_events
 from servegraph.deployments.messages import ModelRoute
-from servegraph.deployments.protocol import ClientRequest, ModelCard, ModelList, RequestKind, new_id
+from servegraph.deployments.protocol import ClientRequest, ModelCard, ModelList, RequestKind, model_of, new_id
 from servegraph.deployments.quota import HandleQuotas, Quotas
+from servegraph.deployments.request_limits import check_limits, reserved_tokens
 from servegraph.deployments.streaming import Deadline
-from servegraph.deployments.telemetry import RequestRecord, RequestTelemetry, RequestTrace, status_of
+from servegraph.deployments.telemetry import MetricLabels, RequestRecord, RequestTelemetry, RequestTrace, status_of
 from servegraph.deployments.usage import UsageLog, UsageRecord, UsageReport, read_usage, summarize
-from servegraph.models.config import AuthConfig, IngressConfig, UsageConfig
+from servegraph.models.config import AuthConfig, IngressConfig, LLMAppArgs, RequestLimits, served_names
 
 logger = logging.getLogger("servegraph.ingress")
 
@@ -46,8 +49,8 @@ def request_id_of(http_request: Request) -> str:
     return http_request.headers.get("x-request-id") or new_id("req")
 
 
-UNKNOWN_TENANT = "-"
 SESSION_HEADER = "x-session-id"
+UPSTREAM_DEFAULT_MAX_TOKENS = 256  # reserved for an upstream's reply when the request sets no max_tokens
 SERVED_BY_HEADER = "X-Servegraph-Served-By"
 
 
@@ -64,23 +67,33 @@ def build_openai_app(
     tenants: TenantDirectory | None = None,
     quotas: Quotas | None = None,
     usage_dir: Path | None = None,
+    limits: RequestLimits | None = None,
 ) -> FastAPI:
     """The OpenAI API over stages; observe gets one RequestRecord per finished request.
 
-    Without a tenant directory, auth is off (every caller is the `default` tenant). Tenants
-    with limits are admitted by quotas; /v1/usage reads the records kept in usage_dir.
+    Without a tenant directory, auth is off (every caller is the `default` tenant); with one,
+    FrontDoor checks credentials before any route runs. Tenants with limits are admitted by
+    quotas; /v1/usage reads the records kept in usage_dir.
     """
-    app = FastAPI(title="servegraph", description="OpenAI-compatible multi-model serving graph")
-    chain = fallbacks or FallbackChain()
     directory = tenants or TenantDirectory(AuthConfig(enabled=False))
-
-    def tenant_of(authorization: str | None = Header(None)) -> Tenant:
-        return directory.authenticate(authorization)
+    limits = limits or RequestLimits()
+    app = FastAPI(
+        title="servegraph",
+        description="OpenAI-compatible multi-model serving graph",
+        openapi_url=None,  # api_docs.py serves the document with vLLM's request bodies
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(FrontDoor, directory=directory, max_body_bytes=limits.max_body_bytes)
+    install_docs(app, directory.docs, stages.request_body_schemas)
+    chain = fallbacks or FallbackChain()
 
     def on_rejected(http_request: Request, error: OpenAIError) -> None:
-        who = UNKNOWN_TENANT if directory.enabled else OPEN_TENANT.name  # refused before auth ran
-        trace = RequestTrace(observe, request_id_of(http_request), application, "-", stream=False, tenant=who)
-        trace.finish(error.status_code)
+        """A caller's request refused before its route ran (a bad query): recorded under its tenant."""
+        tenant = getattr(http_request.state, TENANT_STATE, None)
+        if tenant is not None:
+            trace = RequestTrace(observe, request_id_of(http_request), application, "-", False, tenant=tenant.name)
+            trace.finish(error.status_code)
 
     install_error_handlers(app, on_rejected)
 
@@ -92,8 +105,10 @@ def build_openai_app(
         try:
             chain_links = await stages.chain(request.model, session_key_of(http_request, request))
             links = allowed_links(tenant, request.model, chain_links)
-            await take_lease(quotas, tenant, response_id, trace)
             primary = links[0]
+            default_max_tokens = getattr(primary.target, "default_max_tokens", UPSTREAM_DEFAULT_MAX_TOKENS)
+            reserve = lambda: reserved_tokens(request.body, default_max_tokens)  # noqa: E731 (only for limited tenants)
+            await take_lease(quotas, tenant, response_id, trace, reserve)
             deadline = Deadline(link_timeout(primary), lambda: timeout_error(primary.model, link_timeout(primary)))
             attempts = LinkAttempts(stages, request, response_id, deadline, tenant.priority.engine_priority, primary)
             link, result = await chain.first_served(links, attempts.stream if request.stream else attempts.complete)
@@ -115,12 +130,12 @@ def build_openai_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401))
     async def models(tenant: Tenant = Depends(tenant_of)) -> ModelList:
         listed = await stages.model_list()
         return ModelList(data=[card for card in listed.data if tenant.allows(card.root)])
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=error_responses(401, 404))
     async def model(model_id: str, tenant: Tenant = Depends(tenant_of)) -> ModelCard:
         visible = [card for card in (await stages.model_list()).data if tenant.allows(card.root)]
         card = next((card for card in visible if card.id == model_id), None)
@@ -131,9 +146,8 @@ def build_openai_app(
     async def tokenizer_call(method: str, http_request: Request, tenant: Tenant) -> JSONResponse:
         """vLLM's /tokenize and /detokenize: the body is validated by vLLM's own models in the tokenizer stage."""
         body = await json_object(http_request)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise BadRequestError("`model` is required: this server serves several models.", param="model")
+        check_limits(body, limits)
+        model = model_of(body)
         primary = (await stages.chain(model, None))[0]
         if not tenant.allows(primary.model):
             raise model_not_allowed(tenant, model)
@@ -141,15 +155,15 @@ def build_openai_app(
             raise BadRequestError(f"`{model}` is an external upstream: it has no tokenizer here.", param="model")
         return JSONResponse(await stages.tokenizer_call(method, primary.target, body))
 
-    @app.post("/tokenize", response_model=None)
+    @app.post("/tokenize", response_model=None, responses=error_responses(*MODEL_STATUSES))
     async def tokenize(http_request: Request, tenant: Tenant = Depends(tenant_of)) -> JSONResponse:
         return await tokenizer_call("tokenize", http_request, tenant)
 
-    @app.post("/detokenize", response_model=None)
+    @app.post("/detokenize", response_model=None, responses=error_responses(*MODEL_STATUSES))
     async def detokenize(http_request: Request, tenant: Tenant = Depends(tenant_of)) -> JSONResponse:
         return await tokenizer_call("detokenize", http_request, tenant)
 
-    @app.get("/v1/usage")
+    @app.get("/v1/usage", responses=error_responses(400, 401, 403, 404))
     async def usage(
         tenant: Tenant = Depends(tenant_of),
         of_tenant: str | None = Query(None, alias="tenant", description="Admin keys only: another tenant."),
@@ -162,13 +176,19 @@ def build_openai_app(
         if of_tenant not in (None, tenant.name):
             require_admin(tenant)
         who = of_tenant or (None if tenant.admin else tenant.name)
-        table = await asyncio.to_thread(read_usage, usage_dir)
-        return summarize(table, tenant=who, application=application, since=start, until=end)
+
+        def report() -> UsageReport:  # file reads and Arrow work, off the event loop
+            table = read_usage(usage_dir, since=start, until=end)
+            return summarize(table, tenant=who, application=application, since=start, until=end)
+
+        return await asyncio.to_thread(report)
 
     async def client_request(http_request: Request, kind: RequestKind, tenant: Tenant) -> ClientRequest:
         """The body, checked only as far as routing needs; a refused body still leaves its record."""
         try:
-            return ClientRequest.of(kind, await json_object(http_request))
+            body = await json_object(http_request)
+            check_limits(body, limits)
+            return ClientRequest.of(kind, body)
         except OpenAIError as error:
             trace = RequestTrace(
                 observe, request_id_of(http_request), application, "-", stream=False, tenant=tenant.name
@@ -176,19 +196,19 @@ def build_openai_app(
             trace.finish(error.status_code)
             raise
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=generation_responses())
     async def completions(http_request: Request, tenant: Tenant = Depends(tenant_of)):
         """vLLM's CompletionRequest: every field `vllm serve` takes, with its defaults."""
         request = await client_request(http_request, "completion", tenant)
         return await generate(http_request, request, "cmpl", tenant)
 
-    @app.post("/v1/responses", response_model=None)
+    @app.post("/v1/responses", response_model=None, responses=generation_responses())
     async def responses(http_request: Request, tenant: Tenant = Depends(tenant_of)):
         """vLLM's ResponsesRequest, stateless (no previous_response_id or background): text, streaming, tools."""
         request = await client_request(http_request, "responses", tenant)
         return await generate(http_request, request, "resp", tenant)
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=generation_responses())
     async def chat_completions(http_request: Request, tenant: Tenant = Depends(tenant_of)):
         """vLLM's ChatCompletionRequest: tools, response_format, logprobs, n and the rest, as `vllm serve`."""
         request = await client_request(http_request, "chat", tenant)
@@ -207,15 +227,16 @@ class Ingress:
         router: DeploymentHandle,
         tokenizer: DeploymentHandle,
         postprocess: DeploymentHandle,
-        auth: AuthConfig,
-        usage: UsageConfig,
+        args: LLMAppArgs,
         quota: DeploymentHandle | None = None,
     ):
         self._stages = HandleStages(router, tokenizer, postprocess)
-        self._telemetry = RequestTelemetry()
-        self._tenants = TenantDirectory(auth)
+        self._telemetry = RequestTelemetry(MetricLabels.of(served_names(args), args.auth))
+        self._tenants = TenantDirectory(args.auth)
         self._quotas = HandleQuotas(quota) if quota is not None else None
-        self._usage = UsageLog(usage, serve.get_replica_context().replica_id.unique_id)
+        self._limits = args.limits
+        self._fallbacks = FallbackChain(policy=load_fallback_policy(args.fallback_policy))
+        self._usage = UsageLog(args.usage, serve.get_replica_context().replica_id.unique_id)
 
     def _observe(self, record: RequestRecord) -> None:
         self._usage.write(UsageRecord.of(record))
@@ -232,9 +253,11 @@ class Ingress:
             self._stages,
             application,
             self._observe,
+            fallbacks=self._fallbacks,
             tenants=self._tenants,
             quotas=self._quotas,
             usage_dir=self._usage.directory,
+            limits=self._limits,
         )
 
     def __del__(self) -> None:

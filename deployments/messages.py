@@ -14,6 +14,7 @@ class ModelRoute:
     model: str
     version: str
     engine: str
+    default_max_tokens: int  # chat and responses requests without max_tokens get this
     log_payloads: bool = False
     timeout_s: float | None = None
     cold_start_timeout_s: float | None = None  # set when the engine may have scaled to zero

@@ -10,6 +10,7 @@ replica. Responses are shaped by vLLM's serving classes in the postprocess stage
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 import uuid
@@ -19,6 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from servegraph.deployments.errors import BadRequestError, ContextLengthExceededError, invalid_field
+
+MAX_MODEL_NAME_CHARS = 256  # names reach logs and usage records: no megabyte model names
 
 
 def new_id(prefix: str) -> str:
@@ -30,11 +33,16 @@ def now() -> int:
 
 
 def parse_vllm(model: type, body: dict[str, Any]):
-    """body as one of vLLM's protocol models; what it refuses is a 400 naming the field."""
+    """body as one of vLLM's protocol models; what it refuses is a 400 naming the field.
+
+    A top-level `null` means the field's default, as OpenAI's API reads it: some of vLLM's
+    models take null where their responses cannot (`background: null` fails when the Responses
+    API builds its answer), so nulls are dropped before validation.
+    """
     from vllm.exceptions import VLLMValidationError
 
     try:
-        return model.model_validate(body)
+        return model.model_validate({key: value for key, value in body.items() if value is not None})
     except ValidationError as exc:
         raise invalid_field(exc.errors()) from None
     except VLLMValidationError as exc:
@@ -81,6 +89,16 @@ def request_kind(request: Any) -> RequestKind:
 PARSERS = {"completion": completion_request, "chat": chat_completion_request, "responses": responses_request}
 
 
+def model_of(body: dict[str, Any]) -> str:
+    """The body's `model`, which routing needs before vLLM's models see the body; 400 without one."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequestError("`model` is required: this server serves several models.", param="model")
+    if len(model) > MAX_MODEL_NAME_CHARS:
+        raise BadRequestError(f"`model` is longer than {MAX_MODEL_NAME_CHARS} characters.", param="model")
+    return model
+
+
 @dataclass(frozen=True)
 class ClientRequest:
     """A client's request as the ingress routes it: the endpoint's kind and the JSON body as sent."""
@@ -91,9 +109,7 @@ class ClientRequest:
     @classmethod
     def of(cls, kind: RequestKind, body: dict[str, Any]) -> ClientRequest:
         """400 unless `model` names something: routing needs it before vLLM's models see the body."""
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise BadRequestError("`model` is required: this server serves several models.", param="model")
+        model_of(body)
         return cls(kind, body)
 
     @property
@@ -136,3 +152,48 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body: what every non-2xx answer of the API carries (errors.OpenAIError.body)."""
+
+    error: ErrorDetail
+
+
+# Each route's request body as vLLM's own models: (module, class names; several means any of them).
+REQUEST_BODY_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "/v1/completions": ("vllm.entrypoints.openai.completion.protocol", ("CompletionRequest",)),
+    "/v1/chat/completions": ("vllm.entrypoints.openai.chat_completion.protocol", ("ChatCompletionRequest",)),
+    "/v1/responses": ("vllm.entrypoints.openai.responses.protocol", ("ResponsesRequest",)),
+    "/tokenize": ("vllm.entrypoints.serve.tokenize.protocol", ("TokenizeCompletionRequest", "TokenizeChatRequest")),
+    "/detokenize": ("vllm.entrypoints.serve.tokenize.protocol", ("DetokenizeRequest",)),
+}
+COMPONENT_REF = "#/components/schemas/{model}"
+
+
+def request_body_schemas() -> dict[str, Any]:
+    """vLLM's request models as OpenAPI pieces: each route's body schema, and the components they refer to.
+
+    Made where vLLM is imported (the tokenizer stage) and handed to the ingress, which documents
+    the bodies exactly as vLLM validates them without importing vLLM itself.
+    """
+    from pydantic.json_schema import models_json_schema
+
+    models = {
+        path: [getattr(importlib.import_module(module), name) for name in names]
+        for path, (module, names) in REQUEST_BODY_MODELS.items()
+    }
+    unique = list({model for group in models.values() for model in group})
+    refs, definitions = models_json_schema([(model, "validation") for model in unique], ref_template=COMPONENT_REF)
+    bodies = {}
+    for path, group in models.items():
+        choices = [refs[(model, "validation")] for model in group]
+        bodies[path] = choices[0] if len(choices) == 1 else {"anyOf": choices}
+    return {"bodies": bodies, "components": definitions.get("$defs", {})}

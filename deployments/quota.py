@@ -1,8 +1,10 @@
 """Tenant quotas: requests and tokens per minute and requests in flight, for the whole cluster.
 
 One `Quota` replica holds every tenant's counters, so limits hold however many ingress
-replicas admit requests. The ingress asks it once before serving (`admit`) and tells it
-the tokens used once the request has finished (`settle`).
+replicas admit requests, and an ingress replica that dies takes nothing of them with it.
+The ingress asks it once before serving (`admit`), reserving the request's prompt and
+max_tokens, and tells it the tokens used once the request has finished (`settle`), which
+frees the reservation: concurrent requests cannot overdraw a token limit between the two.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ from typing import Protocol
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from servegraph.deployments.errors import RateLimitError
+from servegraph.deployments.errors import BadRequestError, RateLimitError
 from servegraph.models.config import TenantLimits, TenantSpec
 
 logger = logging.getLogger("ray.serve.servegraph.quota")
 
 WINDOW_S = 60.0
-# A request whose ingress died never settles; its concurrency slot frees itself after this.
+# A request whose ingress died never settles; its concurrency slot and reservation free themselves after this.
 LEASE_S = 900.0
+SETTLE_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # then every 8 s until the quota replica answers
+MAX_PENDING_SETTLEMENTS = 100_000
 
 
 @dataclass
@@ -55,16 +59,29 @@ class SlidingMinute:
         return WINDOW_S
 
 
+@dataclass(frozen=True)
+class Lease:
+    """An admitted request's slot and the tokens it may still use, until it settles or expires."""
+
+    expiry: float
+    reserved_tokens: int
+
+
 @dataclass
 class TenantUsage:
     requests: SlidingMinute = field(default_factory=SlidingMinute)
     tokens: SlidingMinute = field(default_factory=SlidingMinute)
-    leases: dict[str, float] = field(default_factory=dict)  # lease id -> expiry
+    leases: dict[str, Lease] = field(default_factory=dict)
 
-    def in_flight(self, now: float) -> int:
-        for lease in [lease for lease, expiry in self.leases.items() if expiry <= now]:
+    def expire(self, now: float) -> None:
+        self.requests.expire(now)
+        self.tokens.expire(now)
+        for lease in [lease for lease, held in self.leases.items() if held.expiry <= now]:
             del self.leases[lease]
-        return len(self.leases)
+
+    @property
+    def reserved_tokens(self) -> int:
+        return sum(lease.reserved_tokens for lease in self.leases.values())
 
 
 def over_limit(tenant: str, what: str, limit: int, retry_after_s: float) -> RateLimitError:
@@ -75,6 +92,23 @@ def over_limit(tenant: str, what: str, limit: int, retry_after_s: float) -> Rate
     )
 
 
+def check_token_budget(tenant: str, usage: TenantUsage, limit: int, reserve: int, now: float) -> None:
+    """429 unless the tokens used this minute, those reserved by requests in flight and this
+    request's reservation fit the limit together."""
+    if reserve > limit:  # never admissible: a 400, which clients do not retry as they do a 429
+        raise BadRequestError(
+            f"This request may use up to {reserve} tokens (prompt and max_tokens), more than tenant "
+            f"`{tenant}`'s limit of {limit} tokens per minute. Lower max_tokens or shorten the prompt.",
+            param="max_tokens",
+            code="request_too_large",
+        )
+    committed = usage.tokens.total + usage.reserved_tokens
+    if committed + reserve > limit:
+        budget = limit - usage.reserved_tokens - reserve  # what the used tokens must fall to
+        wait = usage.tokens.seconds_until_below(budget + 1, now) if budget >= 0 else 1
+        raise over_limit(tenant, "tokens per minute", limit, wait)
+
+
 class QuotaLedger:
     """Every limited tenant's sliding-minute counters and in-flight leases."""
 
@@ -83,27 +117,32 @@ class QuotaLedger:
         self._usage = {tenant: TenantUsage() for tenant in limits}
         self._clock = clock
 
-    def admit(self, tenant: str, lease: str) -> None:
-        """Counts the request against the tenant's limits, or raises RateLimitError naming the one it is over."""
+    def admit(self, tenant: str, lease: str, reserve_tokens: int = 0) -> None:
+        """Counts the request against the tenant's limits, or raises RateLimitError naming the one it is over.
+
+        reserve_tokens (its prompt and max_tokens) count against the token limit until it settles.
+        """
         limits, usage, now = self._limits[tenant], self._usage[tenant], self._clock()
-        usage.requests.expire(now)
-        usage.tokens.expire(now)
-        if limits.max_concurrent is not None and usage.in_flight(now) >= limits.max_concurrent:
+        usage.expire(now)
+        if limits.max_concurrent is not None and len(usage.leases) >= limits.max_concurrent:
             raise over_limit(tenant, "concurrent requests", limits.max_concurrent, 1)
         if limits.requests_per_minute is not None and usage.requests.total >= limits.requests_per_minute:
             wait = usage.requests.seconds_until_below(limits.requests_per_minute, now)
             raise over_limit(tenant, "requests per minute", limits.requests_per_minute, wait)
-        if limits.tokens_per_minute is not None and usage.tokens.total >= limits.tokens_per_minute:
-            wait = usage.tokens.seconds_until_below(limits.tokens_per_minute, now)
-            raise over_limit(tenant, "tokens per minute", limits.tokens_per_minute, wait)
+        if limits.tokens_per_minute is not None:
+            check_token_budget(tenant, usage, limits.tokens_per_minute, reserve_tokens, now)
         usage.requests.add(now, 1)
-        usage.leases[lease] = now + LEASE_S
+        usage.leases[lease] = Lease(now + LEASE_S, reserve_tokens)
 
     def settle(self, tenant: str, lease: str, tokens: int) -> None:
-        """The request finished: its slot frees and its tokens count from now."""
-        usage = self._usage[tenant]
-        usage.leases.pop(lease, None)
-        usage.tokens.add(self._clock(), tokens)
+        """The request finished: its slot and reservation free, and the tokens it used count from now.
+
+        Once per lease: a settlement sent again (its first reply was lost) changes nothing. A lease
+        this ledger never saw (it restarted since) is not counted either: its counters started empty.
+        """
+        usage = self._usage.get(tenant)
+        if usage is not None and usage.leases.pop(lease, None) is not None:
+            usage.tokens.add(self._clock(), tokens)
 
 
 def limited_tenants(tenants: list[TenantSpec]) -> dict[str, TenantLimits]:
@@ -120,17 +159,21 @@ class Quota:
     def __init__(self, tenants: list[TenantSpec]) -> None:
         self._ledger = QuotaLedger(limited_tenants(tenants))
 
-    async def admit(self, tenant: str, lease: str) -> None:
-        self._ledger.admit(tenant, lease)
+    async def admit(self, tenant: str, lease: str, reserve_tokens: int = 0) -> None:
+        self._ledger.admit(tenant, lease, reserve_tokens)
 
-    async def settle(self, tenant: str, lease: str, tokens: int) -> None:
-        self._ledger.settle(tenant, lease, tokens)
+    async def settle_all(self, settlements: list[Settlement]) -> None:
+        for tenant, lease, tokens in settlements:
+            self._ledger.settle(tenant, lease, tokens)
+
+
+Settlement = tuple[str, str, int]  # tenant, lease, tokens used
 
 
 class Quotas(Protocol):
     """What the ingress needs of the quota store."""
 
-    async def admit(self, tenant: str, lease: str) -> None: ...
+    async def admit(self, tenant: str, lease: str, reserve_tokens: int = 0) -> None: ...
     def settle(self, tenant: str, lease: str, tokens: int) -> None: ...
 
 
@@ -140,30 +183,46 @@ class LocalQuotas:
     def __init__(self, ledger: QuotaLedger) -> None:
         self._ledger = ledger
 
-    async def admit(self, tenant: str, lease: str) -> None:
-        self._ledger.admit(tenant, lease)
+    async def admit(self, tenant: str, lease: str, reserve_tokens: int = 0) -> None:
+        self._ledger.admit(tenant, lease, reserve_tokens)
 
     def settle(self, tenant: str, lease: str, tokens: int) -> None:
         self._ledger.settle(tenant, lease, tokens)
 
 
 class HandleQuotas:
-    """The cluster's Quota replica; settling does not hold up the response."""
+    """The cluster's Quota replica. Settling does not hold up the response, but is not dropped on
+    a failed call: settlements queue in order and go in one call per batch, retried with backoff
+    until the replica answers (settling is idempotent, so a retry cannot bill twice)."""
 
-    def __init__(self, quota: DeploymentHandle) -> None:
+    def __init__(self, quota: DeploymentHandle, retry_delays_s: tuple[float, ...] = SETTLE_RETRY_DELAYS_S) -> None:
         self._quota = quota
-        self._settling: set[asyncio.Task] = set()
+        self._pending: deque[Settlement] = deque(maxlen=MAX_PENDING_SETTLEMENTS)  # oldest dropped past it
+        self._sender: asyncio.Task | None = None
+        self._retry_delays_s = retry_delays_s
 
-    async def admit(self, tenant: str, lease: str) -> None:
-        await self._quota.admit.remote(tenant, lease)
+    async def admit(self, tenant: str, lease: str, reserve_tokens: int = 0) -> None:
+        await self._quota.admit.remote(tenant, lease, reserve_tokens)
 
     def settle(self, tenant: str, lease: str, tokens: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._settle(tenant, lease, tokens))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        self._pending.append((tenant, lease, tokens))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send_pending())
 
-    async def _settle(self, tenant: str, lease: str, tokens: int) -> None:
-        try:
-            await self._quota.settle.remote(tenant, lease, tokens)
-        except Exception:
-            logger.warning("could not settle %s tokens for tenant %s", tokens, tenant, exc_info=True)
+    async def _send_pending(self) -> None:
+        """Every queued settlement, oldest first, until none is left; failed calls wait longer each time."""
+        failures = 0
+        while self._pending:
+            batch = list(self._pending)
+            try:
+                await self._quota.settle_all.remote(batch)
+            except Exception:
+                delay = self._retry_delays_s[min(failures, len(self._retry_delays_s) - 1)]
+                logger.warning("could not settle %d requests; retrying in %s s", len(batch), delay, exc_info=True)
+                failures += 1
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for settled in batch:
+                if self._pending and self._pending[0] == settled:  # the bounded queue may have dropped it
+                    self._pending.popleft()

@@ -49,6 +49,7 @@ def route_of(spec: ModelSpec) -> ModelRoute:
         engine=spec.engine_deployment_name,
         log_payloads=spec.log_payloads,
         timeout_s=spec.request_timeout_s,
+        default_max_tokens=spec.default_max_tokens,
         cold_start_timeout_s=bounds.cold_start_timeout_s if bounds.min_replicas == 0 else None,
     )
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from servegraph.deployments.errors import as_openai_error
 from servegraph.deployments.messages import ResponseChunk
+from servegraph.models.config import AuthConfig
 
 # A child of Serve's logger, so lines land in the replica's log file in Serve's encoding
 # (JSON when the Serve config's logging_config says so) with Serve's request_id attached.
@@ -60,10 +61,37 @@ class RequestRecord:
         return None if self.engine_s is None else max(self.latency_s - self.engine_s, 0.0)
 
 
+OTHER_LABEL = "other"
+
+
+@dataclass(frozen=True)
+class MetricLabels:
+    """The values metric labels may take: configured models and tenants only.
+
+    The model name is whatever the client sent; as a label it would let any caller create
+    series without bound. Names outside the configuration share one label, `other`.
+    """
+
+    models: frozenset[str]
+    tenants: frozenset[str]
+
+    @classmethod
+    def of(cls, model_names: frozenset[str], auth: AuthConfig) -> MetricLabels:
+        return cls(frozenset(model_names), frozenset({DEFAULT_TENANT, *(spec.name for spec in auth.tenants)}))
+
+    def tags(self, record: RequestRecord) -> dict[str, str]:
+        return {
+            "application": record.application,
+            "model": record.model if record.model in self.models else OTHER_LABEL,
+            "version": record.version,
+            "tenant": record.tenant if record.tenant in self.tenants else OTHER_LABEL,
+        }
+
+
 class RequestTelemetry:
     """Records RequestRecords as Ray metrics and one access-log line each."""
 
-    def __init__(self) -> None:
+    def __init__(self, labels: MetricLabels) -> None:
         from ray.util import metrics
 
         def histogram(name: str, description: str, buckets: list[float]) -> metrics.Histogram:
@@ -85,10 +113,10 @@ class RequestTelemetry:
         self._engine = histogram("servegraph_engine_time_seconds", "Time inside the vLLM engine.", LATENCY_BUCKETS_S)
         self._graph = histogram("servegraph_graph_time_seconds", "Time outside the engine.", LATENCY_BUCKETS_S)
         self._log = logging.getLogger(ACCESS_LOGGER_NAME)
+        self._labels = labels
 
     def observe(self, record: RequestRecord) -> None:
-        tags = {"application": record.application, "model": record.model, "version": record.version}
-        tags["tenant"] = record.tenant
+        tags = self._labels.tags(record)
         self._requests.inc(1, {**tags, "status": str(record.status), "served_by": record.served_by})
         self._latency.observe(record.latency_s, tags)
         if record.prompt_tokens:

@@ -16,7 +16,7 @@ from ray import serve
 from servegraph.deployments.errors import BadRequestError, ContextLengthExceededError, from_vllm_error
 from servegraph.deployments.frontend import Frontend, build_frontend
 from servegraph.deployments.messages import EngineRequest, ModelRoute, PreparedRequest, Sealed
-from servegraph.deployments.protocol import ClientRequest, as_bad_request, parse_vllm
+from servegraph.deployments.protocol import ClientRequest, as_bad_request, parse_vllm, request_body_schemas
 from servegraph.deployments.stage_process import drop_serve_access_lines
 from servegraph.models.spec import LongPromptPolicy, ModelSpec
 
@@ -27,8 +27,10 @@ PROMPT_PARAM = {"chat": "messages", "completion": "prompt", "responses": "input"
 class PromptTokenizer:
     """Turns one model's OpenAI requests into engine requests that fit its context."""
 
-    def __init__(self, spec: ModelSpec, frontend: Frontend) -> None:
+    def __init__(self, spec: ModelSpec, frontend: Frontend, max_prompt_tokens: int | None = None) -> None:
+        """max_prompt_tokens: the application's cap on a rendered prompt, below the model's context."""
         self.spec = spec
+        self._max_prompt_tokens = max_prompt_tokens
         self.frontend = frontend
         self.tokenizer = frontend.tokenizer
         self._vocab_size = len(self.tokenizer)
@@ -200,7 +202,13 @@ class PromptTokenizer:
         return params
 
     def _check_fits(self, token_ids: list[int], requested: int | None, max_param: str, prompt_param: str) -> None:
-        """400 for a max_tokens beyond the context, or a prompt that leaves it no room."""
+        """400 for a prompt over the app's cap, a max_tokens beyond the context, or a prompt leaving it no room."""
+        cap = self._max_prompt_tokens
+        if cap is not None and len(token_ids) > cap:
+            raise BadRequestError(
+                f"{prompt_param}: {len(token_ids)} prompt tokens is over this server's limit of {cap}.",
+                param=prompt_param,
+            )
         limit = self._max_model_len
         if requested is not None and requested >= limit:
             raise BadRequestError(
@@ -272,7 +280,7 @@ class PromptTokenizer:
             kwargs.pop("tokenize", None)
             if chat.tools:
                 kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in chat.tools]
-            messages = [{**message, "content": message_text(message.get("content"))} for message in chat.messages]
+            messages = [as_message_dict(message) for message in chat.messages]
             token_ids = self._render_chat(messages, chat.add_special_tokens, **kwargs)
             wants_strings = chat.return_token_strs
         else:
@@ -308,6 +316,14 @@ def param_named_by(exc: Exception, request: Any) -> str | None:
     return first_word if first_word in type(request).model_fields else None
 
 
+def as_message_dict(message: Any) -> dict[str, Any]:
+    """A chat message as the template takes it. vLLM's request model also parses harmony-format
+    messages (`author`, for gpt-oss) into objects no chat template of ours takes: a 400."""
+    if not isinstance(message, dict):
+        raise BadRequestError("Each message needs `role` and `content` (not harmony).", param="messages")
+    return {**message, "content": message_text(message.get("content"))}
+
+
 def message_text(content: Any) -> Any:
     """A chat message's content as the template sees it: text parts joined, anything else as sent."""
     if isinstance(content, list):
@@ -319,11 +335,12 @@ def message_text(content: Any) -> Any:
 class Tokenizer:
     """Holds a PromptTokenizer per model version of the graph."""
 
-    def __init__(self, specs: list[ModelSpec], cache_dir: str | None = None) -> None:
+    def __init__(self, specs: list[ModelSpec], cache_dir: str | None = None, max_prompt_tokens: int | None = None):
         drop_serve_access_lines()
         cache = Path(cache_dir) if cache_dir else None
         self._by_engine = {
-            spec.engine_deployment_name: PromptTokenizer(spec, build_frontend(spec, cache)) for spec in specs
+            spec.engine_deployment_name: PromptTokenizer(spec, build_frontend(spec, cache), max_prompt_tokens)
+            for spec in specs
         }
 
     async def prepare(
@@ -336,6 +353,9 @@ class Tokenizer:
     ) -> Sealed:
         """The PreparedRequest, sealed: the ingress relays it to postprocess without unpickling vLLM objects."""
         return Sealed.of(await self._by_engine[route.engine].prepare(route, request, request_id, priority, model_name))
+
+    async def request_body_schemas(self) -> dict[str, Any]:
+        return request_body_schemas()
 
     async def tokenize(self, route: ModelRoute, body: dict[str, Any]) -> dict[str, Any]:
         return self._by_engine[route.engine].tokenize(body)

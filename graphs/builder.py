@@ -5,6 +5,7 @@
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from servegraph.autoscale.policy import StageKind, engine_autoscaling, stage_autoscaling
 from servegraph.deployments.admin import Admin
@@ -22,6 +23,7 @@ from servegraph.models.placement import (
     engine_deployment_options,
     model_shape,
 )
+from servegraph.models.spec import ModelSpec
 
 LIGHT_STAGE_CPUS = 0.1
 STAGE_MAX_ONGOING_REQUESTS = 512
@@ -64,16 +66,26 @@ def build_llm_app(args: LLMAppArgs) -> Application:
             max_queued_requests=spec.engine_queue_limit,
             autoscaling_config=engine_autoscaling(spec),
             **engine_deployment_options(spec, args.accelerator),
+            **request_router_options(spec),
         ).bind(spec, args.cache_dir)
         for spec in args.models
     }
     router = Router.options(**light_stage(StageKind.router)).bind(args.models, args.upstreams)
-    tokenizer = Tokenizer.options(**light_stage(StageKind.tokenizer)).bind(args.models, args.cache_dir)
+    tokenizer = Tokenizer.options(**light_stage(StageKind.tokenizer)).bind(
+        args.models, args.cache_dir, args.limits.max_prompt_tokens
+    )
     postprocess = Postprocess.options(**light_stage(StageKind.postprocess)).bind(args.models, engines, args.cache_dir)
     quota = Quota.options(**QUOTA_OPTIONS).bind(args.auth.tenants) if limited_tenants(args.auth.tenants) else None
-    return Ingress.options(**light_stage(StageKind.ingress)).bind(
-        router, tokenizer, postprocess, args.auth, args.usage, quota
-    )
+    return Ingress.options(**light_stage(StageKind.ingress)).bind(router, tokenizer, postprocess, args, quota)
+
+
+def request_router_options(spec: ModelSpec) -> dict[str, Any]:
+    """The model's own Serve request router, when its spec names one (Serve imports the class here)."""
+    router = spec.request_router
+    if router is None:
+        return {}
+    config = RequestRouterConfig(request_router_class=router.class_path, request_router_kwargs=router.kwargs)
+    return {"request_router_config": config}
 
 
 def light_stage(kind: StageKind) -> dict[str, Any]:

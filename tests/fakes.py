@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from servegraph.deployments.messages import EngineRequest, GenerationCall, PreparedRequest, ResponseChunk
 from servegraph.deployments.postprocess import ResponseShaper
+from servegraph.deployments.protocol import request_body_schemas
 from servegraph.deployments.router import ModelRegistry
 from servegraph.deployments.tokenizer import PromptTokenizer
 
@@ -110,3 +114,34 @@ class InProcessStages:
 
     async def tokenizer_call(self, method, route, body):
         return getattr(self._prompts[route.engine], method)(body)
+
+    async def request_body_schemas(self):
+        return request_body_schemas()
+
+
+class IdentityProvider:
+    """A stand-in OAuth/OIDC provider: an RSA signing key, its JWKS file, and the JWTs it issues."""
+
+    ISSUER = "https://idp.test"
+    AUDIENCE = "servegraph-tests"
+    KEY_ID = "test-1"
+
+    def __init__(self, directory: Path) -> None:
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self._key.public_key()))
+        self.jwks = {"keys": [{**public, "kid": self.KEY_ID, "use": "sig", "alg": "RS256"}]}
+        self.jwks_file = directory / "jwks.json"
+        self.jwks_file.write_text(json.dumps(self.jwks))
+
+    def config(self) -> dict[str, str]:
+        """The `auth.jwt` section of a config trusting this provider."""
+        return {"jwks_file": str(self.jwks_file), "issuer": self.ISSUER, "audience": self.AUDIENCE}
+
+    def token(self, tenant: str, expires_in_s: float = 300, kid: str = KEY_ID, **claims: object) -> str:
+        import jwt
+
+        payload = {"tenant": tenant, "iss": self.ISSUER, "aud": self.AUDIENCE, "exp": time.time() + expires_in_s}
+        return jwt.encode({**payload, **claims}, self._key, algorithm="RS256", headers={"kid": kid})

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
 import pytest
 from fastapi.testclient import TestClient
 
-from servegraph.deployments.auth import TenantDirectory, hash_key
+from servegraph.deployments.auth import hash_key
 from servegraph.deployments.errors import AuthenticationError
+from servegraph.deployments.front_door import TenantDirectory
 from servegraph.deployments.ingress import build_openai_app
 from servegraph.models.config import AuthConfig, TenantSpec
 from tests.fakes import InProcessStages, ScriptedEngine
@@ -26,12 +28,12 @@ def test_keys_from_hashes_env_and_file(tmp_path):
         auth(a={"key_hashes": [hash_key("sk-a")]}, b={"keys_env": "B_KEYS"}, c={"keys_file": str(key_file)}),
         environ={"B_KEYS": "sk-b1, sk-b2"},
     )
-    assert directory.authenticate("Bearer sk-a").name == "a"
-    assert directory.authenticate("bearer sk-b2").name == "b"
-    assert directory.authenticate("Bearer sk-file-2").name == "c"
+    assert asyncio.run(directory.authenticate("Bearer sk-a")).name == "a"
+    assert asyncio.run(directory.authenticate("bearer sk-b2")).name == "b"
+    assert asyncio.run(directory.authenticate("Bearer sk-file-2")).name == "c"
     for header in (None, "", "Bearer", "Basic sk-a", "Bearer sk-nope", "Bearer " + hash_key("sk-a")):
         with pytest.raises(AuthenticationError):
-            directory.authenticate(header)
+            asyncio.run(directory.authenticate(header))
 
 
 def test_config_refuses_plain_keys_and_silent_defaults():
@@ -40,7 +42,7 @@ def test_config_refuses_plain_keys_and_silent_defaults():
     with pytest.raises(ValueError, match="no tenants are declared"):
         AuthConfig()
     with pytest.raises(ValueError, match="needs key_hashes"):
-        TenantSpec(name="a")
+        AuthConfig(tenants=[TenantSpec(name="a")])
 
 
 @pytest.fixture

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.serve.request_router import RequestRouter
 
-from servegraph.graphs.cli import ConfigError, validate_config
+from servegraph.graphs.cli import ConfigError, read_config, validate_config
 from servegraph.graphs.local_cluster import ROOT, load_config
 
 
@@ -22,7 +23,7 @@ def llm_app(config: dict) -> dict:
 
 
 def test_default_config_validates():
-    summary = validate_config(ROOT / "graphs" / "local.yaml")
+    summary = validate_config(read_config(ROOT / "graphs" / "local.yaml"))
     assert summary[0] == "llm (/): router, tokenizer, engine-tiny-v1, engine-small-v1, postprocess, ingress"
     assert summary[1] == "admin (/admin): admin"
 
@@ -31,21 +32,21 @@ def test_misspelled_field_is_named(tmp_path):
     config = load_config()
     llm_app(config)["args"]["models"][0]["max_model_lenn"] = 5
     with pytest.raises(ConfigError, match=r"args\.models\.0\.max_model_lenn: Extra inputs are not permitted"):
-        validate_config(write_config(tmp_path, config))
+        validate_config(read_config(write_config(tmp_path, config)))
 
 
 def test_duplicate_served_name_is_refused(tmp_path):
     config = load_config()
     llm_app(config)["args"]["models"][1]["aliases"] = ["tiny"]
     with pytest.raises(ConfigError, match="'tiny' is used by both 'tiny' and 'small'"):
-        validate_config(write_config(tmp_path, config))
+        validate_config(read_config(write_config(tmp_path, config)))
 
 
 def test_override_of_unknown_deployment_is_refused(tmp_path):
     config = load_config()
     llm_app(config)["deployments"].append({"name": "engine-huge", "num_replicas": 2})
     with pytest.raises(ConfigError, match=r"overrides unknown deployments \['engine-huge'\]"):
-        validate_config(write_config(tmp_path, config))
+        validate_config(read_config(write_config(tmp_path, config)))
 
 
 @pytest.mark.parametrize(
@@ -57,7 +58,7 @@ def test_traffic_weights_must_name_deployed_versions(tmp_path, traffic, message)
     ingress = next(d for d in llm_app(config)["deployments"] if d["name"] == "ingress")
     ingress["user_config"] = {"traffic": traffic}
     with pytest.raises(ConfigError, match=message):
-        validate_config(write_config(tmp_path, config))
+        validate_config(read_config(write_config(tmp_path, config)))
 
 
 def test_run_exits_before_starting_ray(tmp_path):
@@ -77,6 +78,7 @@ DEPLOY_IN_OWN_CLUSTER = """
 import sys
 from pathlib import Path
 import yaml
+from ray.serve.request_router import RequestRouter
 from servegraph.graphs.local_cluster import LocalServeCluster
 config = yaml.safe_load(Path(sys.argv[1]).read_text())
 LocalServeCluster(config, Path(sys.argv[1]).parent).start(timeout_s=180)
@@ -124,3 +126,30 @@ def test_a_lasting_port_is_never_one_already_chosen(monkeypatch):
     env = haproxy_env(isolated=True, taken={chosen})
     ports = {env["RAY_SERVE_HAPROXY_METRICS_PORT"], env["RAY_SERVE_HAPROXY_STATS_PORT"]}
     assert len(ports) == 2 and str(chosen) not in ports
+
+
+class FirstReplicaRouter(RequestRouter):
+    """A team's routing policy, named in its config: always the first candidate replica."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        return [candidate_replicas[:1]]
+
+
+def test_a_models_request_router_named_in_config_reaches_its_engine_deployment(tmp_path):
+    from ray.serve._private.build_app import build_app
+
+    from servegraph.graphs.builder import build_llm_app
+    from servegraph.models.config import LLMAppArgs
+
+    config = load_config()
+    tiny = llm_app(config)["args"]["models"][0]
+    tiny["request_router"] = {"class_path": "tests.test_cli:FirstReplicaRouter", "kwargs": {"note": "first"}}
+    validate_config(read_config(write_config(tmp_path, config)))
+    built = build_app(build_llm_app(LLMAppArgs.model_validate(llm_app(config)["args"])), name="llm")
+    configs = {d.name: d._deployment_config.request_router_config for d in built.deployments}
+    assert configs["engine-tiny-v1"].request_router_class == "tests.test_cli:FirstReplicaRouter"
+    assert configs["engine-tiny-v1"].request_router_kwargs == {"note": "first"}
+    assert configs["engine-small-v1"].request_router_class.endswith("PowerOfTwoChoicesRequestRouter")
+    tiny["request_router"] = {"class_path": "tests.test_cli:NoSuchRouter"}
+    with pytest.raises(ConfigError, match="NoSuchRouter"):
+        validate_config(read_config(write_config(tmp_path, config)))

@@ -291,3 +291,19 @@ def test_inner_stages_drop_only_serves_access_line():
     finally:
         serve_logger.handlers[:], serve_logger.filters[:] = saved[0], saved[1]
         serve_logger.propagate, serve_logger.level = saved[2], saved[3]
+
+
+def test_a_null_field_means_its_default_and_never_a_500(make_client):
+    """Found by the schemathesis run: `background: null` was accepted, then broke the Responses answer."""
+    client = make_client()
+    answered = client.post("/v1/responses", json={"model": "tiny", "input": "", "background": None})
+    assert answered.status_code == 200, answered.text
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": None, "stop": None}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+
+
+def test_tokenize_refuses_messages_no_chat_template_takes(make_client):
+    """Found by the schemathesis run: a harmony-format message (`author`) became an object and a 500."""
+    harmony = {"author": {"role": "user"}, "content": [{"type": "text", "text": "hi"}]}
+    refused = make_client().post("/tokenize", json={"model": "tiny", "messages": [harmony]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"

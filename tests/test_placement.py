@@ -1,19 +1,22 @@
 """GPU placement arithmetic, Ray resources per replica, refusals, cluster.yaml and the plan command."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from servegraph.graphs.cli import main as servegraph
-from servegraph.graphs.cli import plan_config, validate_config
+from servegraph.graphs.cli import plan_config, read_config, validate_config
 from servegraph.graphs.local_cluster import ROOT
 from servegraph.models.cluster import load_launcher_config, node_types_from_launcher, validate_launcher_config
 from servegraph.models.engine_config import cpu_threads_bind, engine_kwargs
 from servegraph.models.placement import (
+    PER_WORKER_GPUS_ENV,
     EngineMemory,
     NodeType,
     PlacementError,
+    check_schedulable,
     engine_deployment_options,
     gpu_memory_utilization,
     model_shape,
@@ -56,7 +59,7 @@ def test_parallel_replica_gets_one_bundle_per_worker_and_the_ray_executor():
     options = engine_deployment_options(model, "gpu")
     assert options["placement_group_bundles"] == [{"GPU": 1.0, "CPU": 0.5}] + [{"GPU": 1.0}] * 3
     assert options["placement_group_strategy"] == "STRICT_SPREAD"
-    assert options["ray_actor_options"] == {"num_cpus": 0}
+    assert options["ray_actor_options"] == {"num_cpus": 0, "runtime_env": {"env_vars": {PER_WORKER_GPUS_ENV: "1.0"}}}
     assert engine_kwargs(model, "org/big", on_cpu=False)["distributed_executor_backend"] == "ray"
     assert engine_kwargs(model, "org/big", on_cpu=True)["distributed_executor_backend"] == "mp"
 
@@ -128,6 +131,142 @@ def test_model_pinned_to_a_missing_gpu_type_is_refused():
         plan_placement([(spec("m", accelerator_type="H100"), 1)], one_node())
 
 
+def vllm_worker_requests(options: dict) -> list[tuple[float, float]]:
+    """(what vLLM's Ray executor asks per worker, what its bundle holds) for each GPU bundle.
+
+    vLLM (v1/executor/ray_executor*.py) starts one worker per GPU bundle with num_gpus =
+    VLLM_RAY_PER_WORKER_GPUS from the replica's environment, 1.0 when unset, and refuses a
+    bundle with more than one GPU.
+    """
+    env = options["ray_actor_options"].get("runtime_env", {}).get("env_vars", {})
+    per_worker = float(env.get(PER_WORKER_GPUS_ENV, "1.0"))
+    return [(per_worker, bundle["GPU"]) for bundle in options["placement_group_bundles"] if bundle.get("GPU")]
+
+
+def test_fractional_pipeline_parallel_tells_vllm_workers_their_share():
+    model = spec("pp", pipeline_parallel_size=2, gpu_fraction=0.5, placement_strategy="STRICT_SPREAD")
+    options = engine_deployment_options(model, "gpu")
+    assert options["placement_group_bundles"] == [{"GPU": 0.5, "CPU": 0.5}, {"GPU": 0.5}]
+    assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"VLLM_RAY_PER_WORKER_GPUS": "0.5"}}
+    assert vllm_worker_requests(options) == [(0.5, 0.5), (0.5, 0.5)]  # each worker fits its bundle
+    kwargs = engine_kwargs(model, "org/pp", on_cpu=False)
+    assert (kwargs["distributed_executor_backend"], kwargs["gpu_memory_utilization"]) == ("ray", 0.46)
+
+
+def test_fractional_tensor_parallel_tells_vllm_workers_their_share():
+    model = spec("tp", tensor_parallel_size=4, gpu_fraction=0.25, placement_strategy="STRICT_SPREAD")
+    options = engine_deployment_options(model, "gpu")
+    assert vllm_worker_requests(options) == [(0.25, 0.25)] * 4
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"pipeline_parallel_size": 2, "gpu_fraction": 0.5},  # the PP example of tests/cluster before: PACK
+        {"tensor_parallel_size": 2, "gpu_fraction": 0.5, "placement_strategy": "SPREAD"},
+        {"tensor_parallel_size": 2, "gpu_fraction": 0.5, "placement_strategy": "STRICT_PACK"},
+    ],
+)
+def test_fractional_workers_that_could_share_a_gpu_are_refused(fields):
+    """Ray gave two 0.5 bundles of one PACK group GPU 0 on a two-GPU node; NCCL ranks cannot share it."""
+    model = spec("frac", **fields)
+    with pytest.raises(PlacementError, match="may land on one GPU.*use gpu_fraction 1 or STRICT_SPREAD"):
+        engine_deployment_options(model, "gpu")
+    with pytest.raises(PlacementError, match="may land on one GPU"):
+        plan_placement([(model, 1)], one_node(gpus=2, count=2))
+    check_schedulable(spec("whole", **{**fields, "gpu_fraction": 1.0}))  # whole GPUs are distinct bundles' own
+
+
+def test_unpinned_model_that_fits_only_the_larger_gpus_is_refused_naming_them():
+    """Ray places by fraction only: it may put the model on the small GPU the plan would avoid."""
+    model = spec("mid", gpu_fraction=0.5, max_model_len=8192, max_num_seqs=32)  # 2.8 + 7.0 GiB
+    nodes = [NodeType("small", 1, "T4", 1), NodeType("large", 1, "L40S", 1)]
+    with pytest.raises(PlacementError) as refused:
+        plan_placement([(model, 1)], nodes)
+    assert "each worker needs 9.8 GiB, which gpu_fraction 0.5 leaves on L40S but not on T4" in str(refused.value)
+    assert "set accelerator_type to one of L40S" in str(refused.value)
+    pinned = plan_placement([(spec("mid", gpu_fraction=0.5, accelerator_type="L40S", max_model_len=8192,
+                                   max_num_seqs=32), 1)], nodes)  # fmt: skip
+    assert [a.gpu for a in pinned.assignments] == ["large[0] gpu0"]
+
+
+def test_worker_goes_to_the_gpu_with_the_least_free_memory_that_holds_it():
+    """By memory, not fraction: 8 GiB free on a half-used T4 beats 12 GiB on a three-quarter-used L40S."""
+    nodes = [NodeType("large", 1, "L40S", 1), NodeType("small", 1, "T4", 1)]
+    models = [
+        (spec("big", gpu_fraction=0.75, accelerator_type="L40S"), 1),
+        (spec("half", gpu_fraction=0.5, accelerator_type="T4"), 1),
+        (spec("tiny", gpu_fraction=0.25, shape=ModelShape(num_parameters=10**8, num_layers=4, num_kv_heads=1,
+                                                          head_dim=64)), 1),
+    ]  # fmt: skip
+    plan = plan_placement(models, nodes)
+    assert {a.model: a.gpu for a in plan.assignments}["tiny"] == "small[0] gpu0"
+    assert [round(g.free_gib, 1) for g in plan.gpus] == [12.0, 4.0]
+    assert "partly free: large[0] gpu0 0.25 (12.0 GiB), small[0] gpu0 0.25 (4.0 GiB)" in plan.render()
+
+
+def test_no_room_names_each_gpus_free_memory():
+    models = [(spec("a", gpu_fraction=0.75), 1), (spec("b", gpu_fraction=0.5), 1)]
+    with pytest.raises(PlacementError) as refused:
+        plan_placement(models, one_node())
+    message = str(refused.value)
+    assert "model 'b' replica 0: no room for 1 worker(s) of 0.5 GPU (PACK), each needing 3.2 GiB" in message
+    assert "free GPU fractions (memory): gpu-node[0] gpu0 0.25 (6.0 GiB)" in message
+
+
+def test_gpu_yaml_parallel_engines_fit_the_nodes_of_cluster_yaml():
+    """Every bundle of a multi-worker engine fits one node type, and each vLLM worker fits its bundle."""
+    from servegraph.models.config import LLMAppArgs
+
+    config = yaml.safe_load((ROOT / "graphs" / "gpu.yaml").read_text())
+    launcher = load_launcher_config(ROOT / "cluster.yaml")
+    nodes = [t["resources"] for t in launcher["available_node_types"].values()]
+    args = LLMAppArgs.model_validate(config["applications"][0]["args"])
+    parallel = [model for model in args.models if model.num_workers > 1]
+    assert [model.name for model in parallel] == ["llama-3.1-70b"]
+    for model in parallel:
+        options = engine_deployment_options(model, "gpu")
+        for bundle in options["placement_group_bundles"]:
+            assert any(all(node.get(k, 0) >= v for k, v in bundle.items()) for node in nodes), bundle
+        requests = vllm_worker_requests(options)
+        assert len(requests) == model.num_workers and all(0 < ask <= held <= 1 for ask, held in requests)
+        assert PER_WORKER_GPUS_ENV in options["ray_actor_options"]["runtime_env"]["env_vars"]
+
+
+def shell_commands(config: dict, key: str) -> str:
+    return "\n".join(config.get(key, []))
+
+
+def test_cluster_yaml_provides_the_shared_usage_dir_of_gpu_yaml_on_every_node():
+    launcher = load_launcher_config(ROOT / "cluster.yaml")
+    usage_dir = Path(
+        yaml.safe_load((ROOT / "graphs" / "gpu.yaml").read_text())["applications"][0]["args"]["usage"]["dir"]
+    )
+    head, workers = shell_commands(launcher, "head_setup_commands"), shell_commands(launcher, "worker_setup_commands")
+    (export,) = re.findall(r"echo '(\S+) \*\(rw", head)
+    assert usage_dir.is_relative_to(export)
+    assert f"mkdir -p {usage_dir}" in head and "chown -R ubuntu" in head  # Ray runs as the ssh user
+    (mount,) = re.findall(r"mount -t nfs4 .*\$RAY_HEAD_IP:(\S+) (\S+)\)", workers)
+    assert mount == (export, export)  # the same path on every node
+    assert f"test -w {usage_dir}" in workers
+    for node_type in launcher["available_node_types"].values():  # none replaces the shared setup
+        assert "worker_setup_commands" not in node_type
+
+
+def test_cluster_yaml_starts_ray_with_every_api_key_variable_of_gpu_yaml():
+    """The ingress reads keys_env in its replica, which inherits the environment `ray start` had."""
+    launcher = load_launcher_config(ROOT / "cluster.yaml")
+    auth = yaml.safe_load((ROOT / "graphs" / "gpu.yaml").read_text())["applications"][0]["args"]["auth"]
+    names = [tenant["keys_env"] for tenant in auth["tenants"] if tenant.get("keys_env")]
+    env_file = "~/servegraph-keys.env"
+    assert env_file in launcher["file_mounts"]
+    for commands in (launcher["head_start_ray_commands"], launcher["worker_start_ray_commands"]):
+        ray_start = next(command for command in commands if "ray start" in command)
+        assert ray_start.startswith(f"set -a && . {env_file} && set +a"), ray_start
+        assert all(f'"${{{name}:?}}"' in ray_start for name in names), ray_start
+        assert ray_start.index("|| exit 1;") < ray_start.index("ray start")
+
+
 def test_cluster_yaml_is_a_valid_ray_cluster_launcher_config():
     config = load_launcher_config(ROOT / "cluster.yaml")
     validate_launcher_config(config)
@@ -146,9 +285,9 @@ def test_cluster_yaml_starts_every_node_with_the_graphs_serve_environment():
 
 
 def test_gpu_config_validates_and_its_plan_fits_cluster_yaml():
-    validate_config(ROOT / "graphs" / "gpu.yaml")
+    validate_config(read_config(ROOT / "graphs" / "gpu.yaml"))
     node_types = node_types_from_launcher(load_launcher_config(ROOT / "cluster.yaml"))
-    (report,) = plan_config(ROOT / "graphs" / "gpu.yaml", node_types)
+    (report,) = plan_config(read_config(ROOT / "graphs" / "gpu.yaml"), node_types)
     assert "llama-3.1-70b  0        7       gpu-l40s-4x[1] gpu3" in report  # second pipeline stage, second node
     assert report.count("gpu-a10g-1x[0] gpu0") == 2  # the two half-GPU models share one A10G
 
@@ -168,4 +307,4 @@ def test_deploy_refuses_an_engine_over_its_share_before_any_replica(tmp_path: Pa
     path = tmp_path / "over-budget.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(Exception, match="model 'qwen-2.5-1.5b' does not fit on A10G"):
-        validate_config(path)
+        validate_config(read_config(path))

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from dataclasses import dataclass
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from servegraph.autoscale.policy import StageKind, engine_scaling, replicas_for_load, stage_autoscaling
-from servegraph.deployments.errors import EngineCrashedError, RateLimitError
-from servegraph.deployments.fallback import BreakerState, CircuitBreaker, FallbackChain
+from servegraph.deployments.errors import ContextLengthExceededError, EngineCrashedError, OpenAIError, RateLimitError
+from servegraph.deployments.fallback import (
+    BreakerState,
+    CircuitBreaker,
+    DefaultFallbackPolicy,
+    FallbackChain,
+    load_fallback_policy,
+)
 from servegraph.deployments.ingress import SERVED_BY_HEADER, build_openai_app
 from servegraph.deployments.protocol import ClientRequest
 from servegraph.deployments.router import ModelRegistry, TrafficSplit
@@ -250,3 +257,33 @@ def test_upstream_refusals_become_openai_errors(status, code):
     with pytest.raises(Exception) as caught:
         asyncio.run(collect(client, request))
     assert caught.value.code == code
+
+
+class NoContextWindowFallback(DefaultFallbackPolicy):
+    """A team's policy, named in its config: a prompt too long for the model is the client's to shorten."""
+
+    def moves_on(self, error: OpenAIError) -> bool:
+        return not isinstance(error, ContextLengthExceededError) and super().moves_on(error)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+
+
+def test_the_fallback_policy_named_in_config_decides_what_moves_on():
+    short, long = Target("short"), Target("long")
+
+    async def attempt(target: Target) -> str:
+        if target is short:
+            raise ContextLengthExceededError("the prompt is longer than the context")
+        return "served"
+
+    default = FallbackChain(FakeClock(), load_fallback_policy(None))
+    assert asyncio.run(default.first_served([short, long], attempt)) == (long, "served")
+    custom = FallbackChain(FakeClock(), load_fallback_policy("tests.test_resilience:NoContextWindowFallback"))
+    with pytest.raises(ContextLengthExceededError):
+        asyncio.run(custom.first_served([short, long], attempt))
+    with pytest.raises(ValueError, match="fallback_policy"):  # the config field that names it: module:Class
+        LLMAppArgs.model_validate({"models": [], "auth": {"enabled": False}, "fallback_policy": "not a path"})

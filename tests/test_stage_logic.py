@@ -16,7 +16,7 @@ from servegraph.deployments.router import ModelRegistry
 from servegraph.deployments.tokenizer import PromptTokenizer
 from servegraph.models.spec import LongPromptPolicy
 
-ROUTE = ModelRoute(model="tiny", version="v1", engine="engine-tiny-v1", timeout_s=600)
+ROUTE = ModelRoute(model="tiny", version="v1", engine="engine-tiny-v1", default_max_tokens=16, timeout_s=600)
 
 
 def test_registry_resolves_names_and_aliases(tiny_spec):

@@ -3,6 +3,7 @@ log on a temporary directory, and the HTTP layer over in-process stages."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import os
@@ -14,11 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from servegraph.deployments.auth import TenantDirectory, hash_key
-from servegraph.deployments.errors import RateLimitError
+from servegraph.deployments.admission import take_lease
+from servegraph.deployments.auth import Tenant, hash_key
+from servegraph.deployments.errors import BadRequestError, RateLimitError
+from servegraph.deployments.front_door import TenantDirectory
 from servegraph.deployments.ingress import build_openai_app
-from servegraph.deployments.quota import LocalQuotas, QuotaLedger
-from servegraph.deployments.telemetry import RequestRecord
+from servegraph.deployments.quota import LEASE_S, HandleQuotas, LocalQuotas, QuotaLedger
+from servegraph.deployments.request_limits import reserved_tokens
+from servegraph.deployments.telemetry import RequestRecord, RequestTrace
 from servegraph.deployments.usage import SEGMENTS, UsageLog, UsageRecord, read_usage, recover_orphans, summarize
 from servegraph.models.config import AuthConfig, TenantLimits, TenantSpec, UsageConfig
 from tests.fakes import FakeClock, InProcessStages, ScriptedEngine
@@ -69,6 +73,101 @@ def test_concurrency_frees_on_settle_or_lease_expiry():
     quotas.admit("a", "r3")
 
 
+def test_reservations_stop_concurrent_requests_overdrawing_a_token_limit():
+    """The issue's case: 16 requests of 64 prompt + completion tokens at once, against 300 a minute."""
+    clock = FakeClock(1000.0)
+    quotas = ledger(clock, tokens_per_minute=300)
+    admitted = []
+    for i in range(16):
+        try:
+            quotas.admit("a", f"r{i}", reserve_tokens=64)
+            admitted.append(i)
+        except RateLimitError as refused:
+            assert "300 tokens per minute" in refused.message
+    assert admitted == [0, 1, 2, 3]  # 4 x 64 = 256; a fifth would reach 320
+    for i in admitted:
+        quotas.settle("a", f"r{i}", 20)  # each used less than it reserved: 80 in all
+    quotas.admit("a", "r16", reserve_tokens=64)  # 80 used + 64 reserved
+    with pytest.raises(BadRequestError, match="more than tenant `a`'s limit") as never:
+        quotas.admit("a", "huge", reserve_tokens=301)
+    assert never.value.status_code == 400 and never.value.code == "request_too_large"
+
+
+def test_a_reservation_frees_with_its_lease_when_the_ingress_never_settles():
+    clock = FakeClock(1000.0)
+    quotas = ledger(clock, tokens_per_minute=100)
+    quotas.admit("a", "r1", reserve_tokens=90)
+    with pytest.raises(RateLimitError):
+        quotas.admit("a", "r2", reserve_tokens=20)
+    clock.now += LEASE_S
+    quotas.admit("a", "r2", reserve_tokens=20)
+
+
+class FlakyQuota:
+    """A Quota handle whose settle_all fails the first `failures` calls, recording what arrives."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.received: list[tuple[str, str, int]] = []
+        self.settle_all = self
+
+    def remote(self, batch):
+        async def call():
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("quota replica unreachable")
+            self.received.extend(batch)
+
+        return call()
+
+
+def test_settlements_arrive_in_order_and_survive_failed_calls():
+    async def run() -> list:
+        quota = FlakyQuota(failures=2)
+        quotas = HandleQuotas(quota, retry_delays_s=(0, 0, 0))
+        for i in range(5):
+            quotas.settle("a", f"r{i}", i)
+            await asyncio.sleep(0)
+        while len(quota.received) < 5:
+            await asyncio.sleep(0.01)
+        return quota.received
+
+    assert asyncio.run(asyncio.wait_for(run(), 10)) == [("a", f"r{i}", i) for i in range(5)]
+
+
+def test_reservation_takes_the_largest_max_tokens_alias_and_every_prompt():
+    chat = {"messages": [], "max_tokens": 1, "max_completion_tokens": 500}
+    assert reserved_tokens(chat, 64) == 500  # vLLM's chat uses max_completion_tokens first
+    assert reserved_tokens({"prompt": [[1], [2], [3]], "max_tokens": "10", "n": 2}, 64) == 3 + 10 * 2 * 3
+
+
+def test_a_request_cancelled_while_admitted_frees_its_slot():
+    class SlowAdmit(LocalQuotas):
+        async def admit(self, tenant, lease, reserve_tokens=0):
+            await super().admit(tenant, lease, reserve_tokens)  # the replica took the slot...
+            await asyncio.sleep(3600)  # ...and the reply never came before the client left
+
+    async def run() -> None:
+        quotas = SlowAdmit(ledger(FakeClock(1000.0), max_concurrent=1))
+        trace = RequestTrace(lambda record: None, "r1", "llm", "tiny", False, tenant="a")
+        tenant = Tenant("a", frozenset({"*"}), limits=TenantLimits(max_concurrent=1))
+        admitting = asyncio.create_task(take_lease(quotas, tenant, "r1", trace, lambda: 0))
+        await asyncio.sleep(0.01)
+        admitting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admitting
+        await LocalQuotas.admit(quotas, "a", "r2")  # the slot is free again
+
+    asyncio.run(run())
+
+
+def test_reserved_tokens_estimate_the_prompt_and_take_max_tokens_times_n():
+    assert reserved_tokens({"prompt": [1, 2, 3], "max_tokens": 10, "n": 2}, 256) == 3 + 20
+    assert reserved_tokens({"prompt": "x" * 40}, 256) == 21 + 16  # completions default to 16 tokens
+    chat = {"messages": [{"role": "user", "content": "hello"}]}
+    assert reserved_tokens(chat, 64) == (4 // 2 + 1) + (5 // 2 + 1) + 64
+
+
 def record(request_id: str, status: int = 200, tenant: str = "a", model: str = "tiny") -> RequestRecord:
     return RequestRecord(request_id, "llm", model, "v1", status, False, 0.5, tenant, f"{model}@v1", 7, 3)
 
@@ -88,11 +187,15 @@ def segments(directory) -> list:
     return list((directory / SEGMENTS).glob("*.jsonl"))
 
 
+def parts(directory) -> list:
+    return sorted(directory.glob("day=*/usage-*.parquet"))
+
+
 def test_usage_log_rotates_by_size_and_reads_every_record_once(tmp_path):
     log = UsageLog(usage_config(rotate_bytes=1024), "w1", tmp_path)
     for i in range(20):
         log.write(UsageRecord.of(record(f"r{i}", status=200 if i % 5 else 500)))
-    poll_until(lambda: list(tmp_path.glob("usage-*.parquet")), "a segment past rotate_bytes to become Parquet")
+    poll_until(lambda: parts(tmp_path), "a segment past rotate_bytes to become Parquet")
     log.close()
     tail = UsageLog(usage_config(), "w2", tmp_path)
     for i in range(20, 22):
@@ -110,9 +213,9 @@ def test_usage_log_rotates_by_size_and_reads_every_record_once(tmp_path):
 def test_usage_log_rotates_by_age(tmp_path):
     log = UsageLog(usage_config(rotate_interval_s=0.2), "w1", tmp_path)
     log.write(UsageRecord.of(record("r1")))
-    poll_until(lambda: list(tmp_path.glob("usage-*.parquet")), "the rotation thread to rotate an old segment")
+    poll_until(lambda: parts(tmp_path), "the rotation thread to rotate an old segment")
     log.close()
-    assert pq.read_table(next(tmp_path.glob("usage-*.parquet")))["request_id"].to_pylist() == ["r1"]
+    assert pq.read_table(parts(tmp_path)[0])["request_id"].to_pylist() == ["r1"]
 
 
 def write_and_die(directory: str) -> None:
@@ -128,7 +231,11 @@ def test_a_dead_writers_segment_is_recovered_not_lost(tmp_path):
     process.join(60)
     live = UsageLog(usage_config(), "live", tmp_path)
     live.write(UsageRecord.of(record("l1")))
-    assert not list((tmp_path / SEGMENTS).glob("dead-*.jsonl")), "the next writer converted the orphan"
+    assert recover_orphans(tmp_path) == 0, "the dead writer's heartbeat is still fresh"
+    long_ago = time.time() - 3600
+    for path in [*(tmp_path / SEGMENTS).glob("dead-*"), *(tmp_path / "writers").glob("dead-*")]:
+        os.utime(path, (long_ago, long_ago))  # as if it died an hour ago
+    poll_until(lambda: not list((tmp_path / SEGMENTS).glob("dead-*.jsonl")), "the live writer to convert the orphan")
     assert recover_orphans(tmp_path) == 0, "a live writer's open segment is never taken"
     assert sorted(read_usage(tmp_path)["request_id"].to_pylist()) == ["d0", "d1", "d2", "l1"]
     live.close()
@@ -245,8 +352,8 @@ def test_usage_query_errors_and_refused_bodies(tenant_client, tiny_spec, fronten
     not_json = client.post("/v1/completions", content=b"{", headers={**ops, "Content-Type": "application/json"})
     assert not_json.status_code == 400
     refused = client.get("/v1/usage", headers=ops).json()["data"]
-    # The bad query was refused before a handler ran; the bad body after its key was checked.
-    assert sorted((d["tenant"], d["failed"]) for d in refused) == [("-", 1), ("ops", 1)]
+    # The bad query was refused before a handler ran, the bad body after it began: both after the key.
+    assert sorted((d["tenant"], d["failed"]) for d in refused) == [("ops", 2)]
     stages = InProcessStages([tiny_spec], frontend_for, {"engine-tiny-v1": ScriptedEngine()})
     without_records = TestClient(build_openai_app(stages)).get("/v1/usage")
     assert without_records.status_code == 404 and without_records.json()["error"]["code"] == "not_found"

@@ -30,7 +30,8 @@ def test_pipeline_parallel_replica_serves_on_two_gpus(tmp_path):
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("SERVEGRAPH_CACHE_DIR", str(tmp_path))
-    spec = ModelSpec(name="pp", build=LocalBuildRecipe(num_layers=4), pipeline_parallel_size=2, gpu_fraction=0.5)
+    # A whole GPU per stage: two fractional bundles of one replica would share a GPU (see models.placement).
+    spec = ModelSpec(name="pp", build=LocalBuildRecipe(num_layers=4), pipeline_parallel_size=2)
     ray.init(num_gpus=2, log_to_driver=False)
     try:
         port = free_port()

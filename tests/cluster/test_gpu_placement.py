@@ -14,15 +14,25 @@ import pytest
 import ray
 from ray import serve
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from servegraph.graphs.builder import build_llm_app
 from servegraph.graphs.local_cluster import free_port
+from servegraph.models.cluster import node_types_from_live_cluster
 from servegraph.models.config import OPEN, LLMAppArgs
-from servegraph.models.placement import engine_deployment_options
+from servegraph.models.placement import PER_WORKER_GPUS_ENV, engine_deployment_options, plan_placement
 from servegraph.models.spec import LocalBuildRecipe, ModelSpec
 
 TINY = LocalBuildRecipe()
 SHARED_GPU_TYPE = "T4"  # a logical label on the head node only, so both half-GPU engines must meet there
+
+
+@ray.remote(num_cpus=0)
+class WorkerStandIn:
+    """A vLLM Ray worker's resource request without vLLM (its Ray executor is refused on CPU)."""
+
+    def where(self) -> tuple[str, list[str]]:
+        return ray.get_runtime_context().get_node_id(), [str(gpu) for gpu in ray.get_gpu_ids()]
 
 
 @serve.deployment
@@ -32,6 +42,22 @@ class PlacementProbe:
     def bundle_nodes(self) -> dict[int, str]:
         table = ray.util.placement_group_table(ray.util.get_current_placement_group())
         return {int(bundle): node for bundle, node in table["bundles_to_node_id"].items()}
+
+    def start_workers(self, timeout_s: float) -> tuple[str | None, list[tuple[str, list[str]]]]:
+        """Start a worker in each GPU bundle as vLLM's RayExecutorV2 does: num_cpus 0, num_gpus read
+        from this process's VLLM_RAY_PER_WORKER_GPUS (vllm/envs.py's parsing, default 1.0).
+        Returns the variable as this replica sees it, and each worker's node and GPU ids."""
+        group = ray.util.get_current_placement_group()
+        per_worker = float(os.environ.get(PER_WORKER_GPUS_ENV, "1.0"))
+        workers = [
+            WorkerStandIn.options(
+                num_gpus=per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
+            ).remote()
+            for index, bundle in enumerate(group.bundle_specs)
+            if bundle.get("GPU")
+        ]
+        return os.environ.get(PER_WORKER_GPUS_ENV), ray.get([w.where.remote() for w in workers], timeout=timeout_s)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +96,23 @@ def test_pipeline_parallel_replica_spreads_its_stages_over_two_nodes(two_node_cl
     serve.delete("pp-probe")
     assert sorted(bundle_nodes) == [0, 1]
     assert len(set(bundle_nodes.values())) == 2, bundle_nodes
+
+
+def test_fractional_pipeline_stages_start_vllm_workers_in_their_half_gpu_bundles(two_node_cluster):
+    """Two stages at 0.5 GPU: each worker fits its bundle, on its own node and GPU, as the plan says."""
+    spec = ModelSpec(
+        name="pp-half", build=TINY, pipeline_parallel_size=2, gpu_fraction=0.5, placement_strategy="STRICT_SPREAD"
+    )
+    app = PlacementProbe.options(name=spec.engine_deployment_name, **engine_deployment_options(spec, "gpu"))
+    handle = serve.run(app.bind(), name="pp-half-probe", route_prefix=None)
+    try:
+        env_value, workers = handle.start_workers.remote(30).result(timeout_s=90)
+    finally:
+        serve.delete("pp-half-probe")
+    assert env_value == "0.5"  # the replica's runtime_env reached the process vLLM's executor runs in
+    assert len({node for node, _ in workers}) == 2 and all(len(gpus) == 1 for _, gpus in workers), workers
+    plan = plan_placement([(spec, 1)], node_types_from_live_cluster({SHARED_GPU_TYPE: 16}))
+    assert len({assignment.gpu.split("]")[0] for assignment in plan.assignments}) == 2, plan.render()
 
 
 def test_two_half_gpu_engines_share_one_gpu_and_both_serve(two_node_cluster):

@@ -15,6 +15,7 @@ import pytest
 from servegraph.deployments.auth import hash_key
 from servegraph.graphs.local_cluster import LocalServeCluster, lasting_free_port, load_config, wait_for
 from servegraph.models.config import USAGE_DIR_ENV
+from tests.fakes import IdentityProvider
 
 poll = wait_for
 
@@ -49,6 +50,7 @@ class Graph:
     cluster: LocalServeCluster
     upstream_port: int
     usage_dir: Path
+    idp: IdentityProvider  # the `limits` apps also take its JWTs
 
     @property
     def openai_base_url(self) -> str:
@@ -71,10 +73,6 @@ class Graph:
 STRICT_DEADLINE_S = 8
 ALPHA_KEY, BETA_KEY = "sk-test-alpha-5f1c", "sk-test-beta-9d2e"
 TENANT_ENV = {"SERVEGRAPH_TEST_BETA_KEYS": f"sk-unused,{BETA_KEY}"}
-TENANT_KEYS = {
-    name: f"sk-test-{name}-{index}7a"
-    for index, name in enumerate(["metered", "tokens", "single", "flood", "calm", "batchy", "ledger"])
-}
 LIMITED_TENANTS = {
     "metered": {"limits": {"requests_per_minute": 6}},
     "tokens": {"limits": {"tokens_per_minute": 60}},
@@ -83,7 +81,10 @@ LIMITED_TENANTS = {
     "calm": {},
     "batchy": {"priority": "batch"},
     "ledger": {},
+    "burst": {"limits": {"tokens_per_minute": 100}},
+    "steady": {"limits": {"requests_per_minute": 3}},
 }
+TENANT_KEYS = {name: f"sk-test-{name}-{index}7a" for index, name in enumerate(LIMITED_TENANTS)}
 LIMITS_AUTH = {"tenants": [
     {"name": "alpha", "key_hashes": [hash_key(ALPHA_KEY)], "admin": True},
     {"name": "beta", "keys_env": "SERVEGRAPH_TEST_BETA_KEYS", "models": []},
@@ -120,6 +121,17 @@ LIMITS_APPS = [
 ]  # fmt: skip
 
 
+PROMPT_TOKEN_CAP = 400  # above `canary`'s context (128), so its too-long prompts still reach the fallback
+
+
+def trusting(apps: list[dict], idp: IdentityProvider) -> list[dict]:
+    """apps, whose auth also takes the provider's JWTs beside the tenants' keys."""
+    apps = copy.deepcopy(apps)
+    for app in apps:
+        app["args"]["auth"]["jwt"] = idp.config()
+    return apps
+
+
 TINY = {"build": {"seed": 0}, "max_model_len": 512}  # the default graph's tiny model: built once
 SHORT = {"max_model_len": 128, "default_max_tokens": 64, "fallbacks": ["ext"]}
 
@@ -139,6 +151,7 @@ def resilience_app(upstream_port: int) -> dict:
         "args": {
             "accelerator": "cpu",
             "auth": {"enabled": False},
+            "limits": {"max_prompt_tokens": PROMPT_TOKEN_CAP},
             "models": [
                 {"name": "elastic", **TINY, "max_num_seqs": 2, "max_queued_requests": 8, "autoscaling": {
                     "min_replicas": 0, "max_replicas": 2, "upscale_delay_s": 0,
@@ -197,15 +210,15 @@ def graph(tmp_path_factory) -> Iterator[Graph]:
     work_dir = tmp_path_factory.mktemp("graph")
     upstream_port = lasting_free_port()  # bound by the upstream tests, many minutes later
     config = load_config()
-    apps = config["applications"] + LIMITS_APPS + [resilience_app(upstream_port)]
+    idp = IdentityProvider(work_dir)
+    apps = config["applications"] + trusting(LIMITS_APPS, idp) + [resilience_app(upstream_port)]
     # Logical CPUs only: the replicas share the machine's real cores either way.
     with LocalServeCluster(
         {**config, "applications": apps}, work_dir, num_cpus=16, metrics_report_interval_ms=1000,
         env=FAST_AUTOSCALING_ENV | TENANT_ENV,
     ) as cluster:  # fmt: skip
-        yield Graph(
-            cluster.base_url, cluster.config, cluster.metrics_url, cluster.logs_dir, cluster, upstream_port, usage_dir
-        )
+        running = (cluster.base_url, cluster.config, cluster.metrics_url, cluster.logs_dir)
+        yield Graph(*running, cluster, upstream_port, usage_dir, idp)
 
 
 @pytest.fixture(scope="session")

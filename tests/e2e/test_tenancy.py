@@ -14,6 +14,7 @@ import openai
 import pytest
 import ray
 
+from servegraph.deployments.quota import WINDOW_S as QUOTA_WINDOW_S
 from servegraph.deployments.usage import SEGMENTS, read_usage
 from tests.e2e.conftest import ALPHA_KEY, BETA_KEY, TENANT_KEYS, BackgroundLoad, poll
 
@@ -73,14 +74,53 @@ def test_request_limit_holds_across_two_ingress_replicas(graph):
 
 
 def test_token_limit_counts_prompt_and_completion_tokens(graph):
+    """60 a minute; each request reserves its prompt (estimated high: 8) and 20 tokens, then settles what it used."""
     statuses, used = [], 0
     for _ in range(3):
-        response = httpx.post(url(graph), json=body(30), headers=headers("tokens"), timeout=60)
+        response = httpx.post(url(graph), json=body(20), headers=headers("tokens"), timeout=60)
         statuses.append(response.status_code)
         if response.status_code == 200:
             used += response.json()["usage"]["total_tokens"]
-    assert statuses == [200, 200, 429] and 60 <= used, (statuses, used)
+    # used + reserved: 0 + 28, then about 25 + 28, then about 50 + 28 > 60
+    assert statuses == [200, 200, 429] and 40 <= used <= 60, (statuses, used)
     assert "60 tokens per minute" in response.json()["error"]["message"]
+    alone = httpx.post(url(graph), json=body(61), headers=headers("tokens"), timeout=60)
+    assert alone.status_code == 400 and alone.json()["error"]["code"] == "request_too_large"  # never admissible
+
+
+def test_concurrent_requests_cannot_overdraw_a_token_limit(graph):
+    """The issue's measurement: many requests at once against a small token limit (100 a minute)."""
+    statuses: list[int] = []
+
+    def send() -> None:
+        response = httpx.post(url(graph), json=body(20), headers=headers("burst"), timeout=120)
+        statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # each reserves 28 tokens: three fit in 100, a fourth would not, however many run at once
+    assert sorted(statuses) == [200] * 3 + [429] * 5, statuses
+
+
+def test_quota_holds_when_every_ingress_replica_that_admitted_is_replaced(graph):
+    """The counters live in the quota replica, not the ingress: fresh ingress replicas still refuse."""
+    assert [timed_post(graph, "steady")[0] for _ in range(3)] == [200] * 3
+    spent_at = time.monotonic()
+    victims = running_replicas(graph, "ingress")
+    for victim in victims:
+        ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
+    killed = {victim["replica_id"] for victim in victims}
+
+    def replaced() -> bool:
+        ids = {replica["replica_id"] for replica in running_replicas(graph, "ingress")}
+        return len(ids) == 2 and not ids & killed
+
+    poll(replaced, QUOTA_WINDOW_S - 15, "Serve to replace both ingress replicas within the quota's minute")
+    assert timed_post(graph, "steady")[0] == 429
+    assert time.monotonic() - spent_at < QUOTA_WINDOW_S  # still inside the minute the 3 requests were counted in
 
 
 def test_concurrency_limit_refuses_a_second_request_in_flight(graph):
