@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from servegraph.deployments.auth import Tenant, model_not_allowed
+from servegraph.deployments.protocol import ClientRequest
 from servegraph.deployments.quota import Quotas
+from servegraph.deployments.request_limits import reserved_tokens
 from servegraph.deployments.router import Link
 from servegraph.deployments.telemetry import RequestRecord, RequestTrace
 
@@ -16,6 +18,15 @@ def allowed_links(tenant: Tenant, requested: str, links: list[Link]) -> list[Lin
     if not tenant.allows(primary.model):
         raise model_not_allowed(tenant, requested)
     return [primary, *(link for link in fallbacks if tenant.allows(link.model))]
+
+
+UPSTREAM_DEFAULT_MAX_TOKENS = 256  # reserved for an upstream's reply when the request sets no max_tokens
+
+
+def reservation(request: ClientRequest, primary: Link) -> Callable[[], int]:
+    """The tokens to reserve for request on its chain's first link; counted only for a limited tenant."""
+    default_max_tokens = getattr(primary.target, "default_max_tokens", UPSTREAM_DEFAULT_MAX_TOKENS)
+    return lambda: reserved_tokens(request.body, default_max_tokens)
 
 
 def settling(observe: Callable[[RequestRecord], None], quotas: Quotas, tenant: str, lease: str):

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from servegraph.deployments.admission import allowed_links, take_lease
+from servegraph.deployments.admission import allowed_links, reservation, take_lease
 from servegraph.deployments.api_docs import MODEL_STATUSES, error_responses, generation_responses, install_docs
 from servegraph.deployments.auth import Tenant, model_not_allowed, require_admin
 from servegraph.deployments.errors import BadRequestError, OpenAIError, model_not_found
@@ -35,10 +35,11 @@ from servegraph.deployments.http_stream import sse_events
 from servegraph.deployments.messages import ModelRoute
 from servegraph.deployments.protocol import ClientRequest, ModelCard, ModelList, RequestKind, model_of, new_id
 from servegraph.deployments.quota import HandleQuotas, Quotas
-from servegraph.deployments.request_limits import check_limits, reserved_tokens
+from servegraph.deployments.request_limits import check_limits
 from servegraph.deployments.streaming import Deadline
 from servegraph.deployments.telemetry import MetricLabels, RequestRecord, RequestTelemetry, RequestTrace, status_of
-from servegraph.deployments.usage import UsageLog, UsageRecord, UsageReport, read_usage, summarize
+from servegraph.deployments.usage import UsageRecord, UsageReport, read_usage, summarize
+from servegraph.deployments.usage_log import UsageLog
 from servegraph.models.config import AuthConfig, IngressConfig, LLMAppArgs, RequestLimits, served_names
 
 logger = logging.getLogger("servegraph.ingress")
@@ -50,7 +51,6 @@ def request_id_of(http_request: Request) -> str:
 
 
 SESSION_HEADER = "x-session-id"
-UPSTREAM_DEFAULT_MAX_TOKENS = 256  # reserved for an upstream's reply when the request sets no max_tokens
 SERVED_BY_HEADER = "X-Servegraph-Served-By"
 
 
@@ -106,9 +106,7 @@ def build_openai_app(
             chain_links = await stages.chain(request.model, session_key_of(http_request, request))
             links = allowed_links(tenant, request.model, chain_links)
             primary = links[0]
-            default_max_tokens = getattr(primary.target, "default_max_tokens", UPSTREAM_DEFAULT_MAX_TOKENS)
-            reserve = lambda: reserved_tokens(request.body, default_max_tokens)  # noqa: E731 (only for limited tenants)
-            await take_lease(quotas, tenant, response_id, trace, reserve)
+            await take_lease(quotas, tenant, response_id, trace, reservation(request, primary))
             deadline = Deadline(link_timeout(primary), lambda: timeout_error(primary.model, link_timeout(primary)))
             attempts = LinkAttempts(stages, request, response_id, deadline, tenant.priority.engine_priority, primary)
             link, result = await chain.first_served(links, attempts.stream if request.stream else attempts.complete)

@@ -14,6 +14,7 @@ import importlib
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -67,7 +68,27 @@ def completion_request(body: dict[str, Any]):
 def chat_completion_request(body: dict[str, Any]):
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-    return parse_vllm(ChatCompletionRequest, body)
+    return with_listed_messages(parse_vllm(ChatCompletionRequest, body))
+
+
+def with_listed_messages(request: Any) -> Any:
+    """request, its messages' lazily validated iterables made lists now.
+
+    pydantic validates an `Iterable[...]` field given a non-list (an assistant `content` sent as
+    an object, say) lazily, as a one-shot iterator that cannot be pickled to the next stage:
+    listing it here validates it (a 400 if it is wrong) and makes it plain data.
+    """
+    for message in request.messages:
+        if isinstance(message, dict):
+            for key, value in message.items():
+                if isinstance(value, Iterator):
+                    try:
+                        message[key] = list(value)
+                    except ValidationError as exc:
+                        raise BadRequestError(
+                            f"messages: `{key}`: {exc.errors()[0]['msg']}", param="messages"
+                        ) from None
+    return request
 
 
 def responses_request(body: dict[str, Any]):

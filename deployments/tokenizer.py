@@ -16,7 +16,13 @@ from ray import serve
 from servegraph.deployments.errors import BadRequestError, ContextLengthExceededError, from_vllm_error
 from servegraph.deployments.frontend import Frontend, build_frontend
 from servegraph.deployments.messages import EngineRequest, ModelRoute, PreparedRequest, Sealed
-from servegraph.deployments.protocol import ClientRequest, as_bad_request, parse_vllm, request_body_schemas
+from servegraph.deployments.protocol import (
+    ClientRequest,
+    as_bad_request,
+    parse_vllm,
+    request_body_schemas,
+    with_listed_messages,
+)
 from servegraph.deployments.stage_process import drop_serve_access_lines
 from servegraph.models.spec import LongPromptPolicy, ModelSpec
 
@@ -271,7 +277,7 @@ class PromptTokenizer:
         )
 
         if "messages" in body:
-            chat = parse_vllm(TokenizeChatRequest, body)
+            chat = with_listed_messages(parse_vllm(TokenizeChatRequest, body))
             if chat.chat_template or "chat_template" in (chat.chat_template_kwargs or {}):
                 # As vLLM without --trust-request-chat-template: a template is code that runs here.
                 raise BadRequestError("A chat template from the request is not accepted.", param="chat_template")

@@ -174,7 +174,7 @@ class RequestLimits(StrictModel):
     )
     max_messages: int = Field(1024, ge=1)
     max_stop_strings: int = Field(16, ge=1)
-    max_prompts: int = Field(64, ge=1, description="Prompts in one completions request.")
+    max_prompts: int = Field(256, ge=1, description="Prompts in one completions request (eval harnesses batch many).")
     max_n: int = Field(16, ge=1, description="Choices per request (`n`).")
     max_tokens: int | None = Field(
         None, ge=1, description="max_tokens (and its aliases) per request; unset: each model's context length."

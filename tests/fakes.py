@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from servegraph.deployments.messages import EngineRequest, GenerationCall, PreparedRequest, ResponseChunk
+from servegraph.deployments.messages import EngineRequest, GenerationCall, PreparedRequest, ResponseChunk, Sealed
 from servegraph.deployments.postprocess import ResponseShaper
 from servegraph.deployments.protocol import request_body_schemas
 from servegraph.deployments.router import ModelRegistry
@@ -90,9 +90,11 @@ class InProcessStages:
         return self.registry.chain(model, session_key)
 
     async def _prepare(self, call: GenerationCall) -> PreparedRequest:
+        """As the tokenizer stage prepares it, sealed (pickled) as it crosses to postprocess in Serve."""
         tokenizer = self._prompts[call.route.engine]
-        return await tokenizer.prepare(call.route, copy.deepcopy(call.request), call.request_id, call.priority,
-                                       call.model_name)  # fmt: skip
+        prepared = await tokenizer.prepare(call.route, copy.deepcopy(call.request), call.request_id, call.priority,
+                                           call.model_name)  # fmt: skip
+        return Sealed.of(prepared).open()
 
     def _outputs(self, prepared: PreparedRequest) -> AsyncIterator:
         return self._engines[prepared.route.engine].generate(prepared.engine_requests)

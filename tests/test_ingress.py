@@ -307,3 +307,16 @@ def test_tokenize_refuses_messages_no_chat_template_takes(make_client):
     harmony = {"author": {"role": "user"}, "content": [{"type": "text", "text": "hi"}]}
     refused = make_client().post("/tokenize", json={"model": "tiny", "messages": [harmony]})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
+
+
+def test_a_message_field_sent_as_an_object_where_a_list_belongs_is_answered_not_a_500(make_client):
+    """Found by the schemathesis run: pydantic validated `content: {}` lazily, as an iterator the
+    tokenizer stage could not pickle on to postprocess."""
+    client = make_client()
+    user = {"role": "user", "content": "hi"}
+    for content, status in (({}, 200), ({"a": 1}, 400)):
+        body = {"model": "tiny", "messages": [user, {"role": "assistant", "content": content}], "max_tokens": 2}
+        for path in ("/v1/chat/completions", "/tokenize"):
+            answered = client.post(path, json=body)
+            assert answered.status_code == status, answered.text
+            assert status == 200 or answered.json()["error"]["param"] == "messages"

@@ -23,7 +23,8 @@ from servegraph.deployments.ingress import build_openai_app
 from servegraph.deployments.quota import LEASE_S, HandleQuotas, LocalQuotas, QuotaLedger
 from servegraph.deployments.request_limits import reserved_tokens
 from servegraph.deployments.telemetry import RequestRecord, RequestTrace
-from servegraph.deployments.usage import SEGMENTS, UsageLog, UsageRecord, read_usage, recover_orphans, summarize
+from servegraph.deployments.usage import SEGMENTS, UsageRecord, read_usage, summarize
+from servegraph.deployments.usage_log import UsageLog, recover_orphans
 from servegraph.models.config import AuthConfig, TenantLimits, TenantSpec, UsageConfig
 from tests.fakes import FakeClock, InProcessStages, ScriptedEngine
 

@@ -14,18 +14,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from servegraph.deployments import usage
+from servegraph.deployments import usage_log
 from servegraph.deployments.telemetry import RequestRecord
-from servegraph.deployments.usage import (
-    SEGMENTS,
+from servegraph.deployments.usage import SEGMENTS, UsageRecord, read_usage, records_table
+from servegraph.deployments.usage_log import (
     WRITERS,
     UsageCounters,
     UsageLog,
-    UsageRecord,
     UsageTiming,
     migrate_flat_parts,
-    read_usage,
-    records_table,
     recover_orphans,
     write_parts,
 )
@@ -176,7 +173,7 @@ def test_the_live_writer_recovers_orphans_without_any_lock(tmp_path, monkeypatch
     def no_flock(*args) -> None:
         raise OSError(errno.EBADF, "flock on NFS")
 
-    monkeypatch.setattr(usage, "fcntl", type("fcntl", (), {"flock": no_flock}), raising=False)
+    monkeypatch.setattr(usage_log, "fcntl", type("fcntl", (), {"flock": no_flock}), raising=False)
     orphan(tmp_path, "dead-00000000", [usage_record("d1")], age_s=3600)
     log, counters = open_log(tmp_path, UsageTiming(recover_interval_s=0.02, sync_interval_s=0.02))
     poll_until(lambda: not segments(tmp_path), "the live writer to convert the orphan")
@@ -189,14 +186,14 @@ def test_two_recoverers_racing_count_each_record_once(tmp_path, monkeypatch):
         rows = [usage_record(f"w{writer}-{i}", BEFORE_MIDNIGHT + 60 * i) for i in range(3)]  # spans midnight
         orphan(tmp_path, f"dead{writer}-00000000", rows, age_s=3600)
     both_read = threading.Barrier(2, timeout=10)
-    real_read = usage.read_segment
+    real_read = usage_log.read_segment
 
     def read_together(path: Path) -> list[dict]:
         rows = real_read(path)
         both_read.wait()  # each recoverer has read every segment before either removes it
         return rows
 
-    monkeypatch.setattr(usage, "read_segment", read_together)
+    monkeypatch.setattr(usage_log, "read_segment", read_together)
     converted: list[int] = []
     racers = [threading.Thread(target=lambda: converted.append(recover_orphans(tmp_path))) for _ in range(2)]
     for racer in racers:
@@ -241,7 +238,7 @@ class Fault:
 
     def __init__(self) -> None:
         self.on = False
-        self.real = usage.write_all
+        self.real = usage_log.write_all
 
     def __call__(self, fd: int, data: bytes) -> None:
         if self.on:
@@ -252,7 +249,7 @@ class Fault:
 
 def test_a_failed_write_is_counted_and_retried_in_order(tmp_path, monkeypatch):
     fault = Fault()
-    monkeypatch.setattr(usage, "write_all", fault)
+    monkeypatch.setattr(usage_log, "write_all", fault)
     log, counters = open_log(tmp_path, UsageTiming(sync_interval_s=0.02))
     log.write(usage_record("r0"))
     fault.on = True
@@ -273,7 +270,7 @@ def test_a_failed_write_is_counted_and_retried_in_order(tmp_path, monkeypatch):
 def test_the_retry_queue_is_bounded_and_drops_are_counted(tmp_path, monkeypatch):
     fault = Fault()
     fault.on = True
-    monkeypatch.setattr(usage, "write_all", fault)
+    monkeypatch.setattr(usage_log, "write_all", fault)
     log, counters = open_log(tmp_path, UsageTiming(sync_interval_s=3600, max_pending=2))
     for i in range(4):
         log.write(usage_record(f"r{i}"))

@@ -23,6 +23,8 @@ from schemathesis.specs.openapi.checks import (
 from tests.e2e.conftest import Graph
 
 SERVED_MODEL = "tiny"
+# Derandomized: the same examples every run, so CI is reproducible; raise this (or drop derandomize)
+# to explore further by hand: the in-process run of 200 per operation before this commit found nothing more.
 EXAMPLES_PER_OPERATION = 20
 # Bodies whose `model` is pinned; the rest of each schema is vLLM's, untouched.
 PINNED = ("CompletionRequest", "ChatCompletionRequest", "ResponsesRequest", "TokenizeCompletionRequest",
@@ -53,7 +55,7 @@ def test_generated_requests_get_no_server_error_and_only_documented_answers(grap
     for operation in operations(document):
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
+        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck), phases=NO_SHRINKING)  # fmt: skip
         def answers_as_documented(case) -> None:
             case.call_and_validate(base_url=graph.base_url, checks=CHECKS, timeout=120)
