@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Protocol
 
 from servegraph.deployments.errors import AdminRequiredError, AuthenticationError, PermissionDeniedError
 from servegraph.models.config import AuthConfig, PriorityClass, TenantLimits, TenantSpec
+from servegraph.models.spec import imported
 
 BEARER = "bearer "
 
@@ -93,8 +93,7 @@ def looks_like_jwt(token: str) -> bool:
 
 def load_authenticator(import_path: str, config: AuthConfig) -> Authenticator:
     """A team's own backend, named `module:Class` in the config."""
-    module_name, _, class_name = import_path.partition(":")
-    backend = getattr(importlib.import_module(module_name), class_name)(config)
+    backend = imported(import_path)(config)
     if not callable(getattr(backend, "authenticate", None)):
         raise TypeError(f"{import_path} has no authenticate(token) method")
     return backend

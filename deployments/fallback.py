@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,7 @@ from servegraph.deployments.errors import (
     UpstreamError,
     as_openai_error,
 )
-from servegraph.models.spec import CircuitBreakerConfig
+from servegraph.models.spec import CircuitBreakerConfig, imported
 
 logger = logging.getLogger("servegraph.fallback")
 
@@ -119,8 +118,7 @@ class DefaultFallbackPolicy:
 def load_fallback_policy(import_path: str | None) -> FallbackPolicy:
     if import_path is None:
         return DefaultFallbackPolicy()
-    module_name, _, class_name = import_path.partition(":")
-    return getattr(importlib.import_module(module_name), class_name)()
+    return imported(import_path)()
 
 
 class ChainLink(Protocol):

@@ -29,6 +29,7 @@ PROMPT_FIELDS = ("prompt", "messages", "input")
 MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # vLLM's default max_tokens for completions; chat and responses use the model's default_max_tokens.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
+MAX_UTF8_BYTES_PER_CHAR = 4
 BYTES_PER_TOKEN_FLOOR = 2  # few tokenizers spend fewer bytes per token: the estimate errs high
 
 
@@ -151,7 +152,10 @@ def check_limits(body: dict[str, Any], limits: RequestLimits) -> None:
     """400 naming the first limit body breaks."""
     for field in PROMPT_FIELDS:
         if field in body:
-            size = sum(len(text.encode()) for text in strings_in(body[field]))
+            texts = list(strings_in(body[field]))
+            if sum(map(len, texts)) * MAX_UTF8_BYTES_PER_CHAR <= limits.max_prompt_bytes:
+                continue  # fits even at 4 bytes a character: no copy of the text is made to count it
+            size = sum(len(text.encode()) for text in texts)
             if size > limits.max_prompt_bytes:
                 raise over(field, "bytes of prompt text", size, limits.max_prompt_bytes)
     counted = [
@@ -163,8 +167,9 @@ def check_limits(body: dict[str, Any], limits: RequestLimits) -> None:
         value = body.get(param)
         if isinstance(value, list) and len(value) > limit:
             raise over(param, what, len(value), limit)
-    if prompt_count(body) > limits.max_prompts:
-        raise over("prompt", "prompts", prompt_count(body), limits.max_prompts)
+    prompts = prompt_count(body)
+    if prompts > limits.max_prompts:
+        raise over("prompt", "prompts", prompts, limits.max_prompts)
     n = as_count(body.get("n"))
     if n is not None and n > limits.max_n:
         raise over("n", "choices", n, limits.max_n)

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from servegraph.models.spec import NAME_PATTERN, ModelSpec, StrictModel, UpstreamSpec
+from servegraph.models.spec import IMPORT_PATH_PATTERN, NAME_PATTERN, ModelSpec, StrictModel, UpstreamSpec
 
 
 class PriorityClass(str, Enum):
@@ -75,7 +75,6 @@ class TenantSpec(StrictModel):
         return bool(self.key_hashes or self.keys_env or self.keys_file)
 
 
-IMPORT_PATH_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"  # module:Class
 # Asymmetric only: with a JWKS, an HMAC algorithm would let a public key sign tokens.
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from enum import Enum
 from typing import Any, Literal
@@ -10,6 +11,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+IMPORT_PATH_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"  # module:Class, for the policies a config names
+
+
+def imported(import_path: str) -> Any:
+    """The object a config names as `module:Class` (an auth backend, a fallback policy)."""
+    module_name, _, name = import_path.partition(":")
+    return getattr(importlib.import_module(module_name), name)
 
 
 class StrictModel(BaseModel):
@@ -134,7 +142,7 @@ class RequestRouterSpec(StrictModel):
     built, so a wrong path fails `servegraph validate`. Default: Serve's power of two choices.
     """
 
-    class_path: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="`module:Class`.")
+    class_path: str = Field(pattern=IMPORT_PATH_PATTERN, description="`module:Class`.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the router's initialize_state.")
 
 
