@@ -10,6 +10,7 @@ from ray import serve
 
 from servegraph.deployments.api_docs import error_responses, install_docs
 from servegraph.deployments.auth import Tenant, require_admin
+from servegraph.deployments.errors import OpenAIError
 from servegraph.deployments.front_door import FrontDoor, TenantDirectory, tenant_of
 from servegraph.deployments.http_errors import install_error_handlers
 from servegraph.models.config import AuthConfig
@@ -52,6 +53,14 @@ def build_admin_app(llm_app: str, tenants: TenantDirectory) -> FastAPI:
             else {"running_replicas": 0}
             for engine in sorted(engines)
         }
+
+    @app.get("/quotas", dependencies=[Depends(admin_only)], responses=error_responses(401, 403, 404))
+    async def quotas() -> dict[str, dict[str, int]]:
+        """Each limited tenant's minute: requests and tokens counted, tokens reserved, requests in flight."""
+        deployments = (await asyncio.to_thread(serve.status)).applications[llm_app].deployments
+        if "quota" not in deployments:
+            raise OpenAIError(f"`{llm_app}` has no tenant with limits.", code="not_found", status_code=404)
+        return await serve.get_deployment_handle("quota", app_name=llm_app).snapshot.remote()
 
     return app
 

@@ -41,18 +41,20 @@ def settling(observe: Callable[[RequestRecord], None], quotas: Quotas, tenant: s
 
 async def take_lease(
     quotas: Quotas | None, tenant: Tenant, lease: str, trace: RequestTrace, reserve: Callable[[], int]
-) -> None:
+) -> str | None:
     """A limited tenant's slot, reserving reserve() tokens (429 when it has no room left); the
     request's tokens are counted instead, and the slot freed, when the trace writes its record.
 
-    A request cancelled (or failed) while the quota replica admits it settles at once, as the slot
-    may have been taken; settling a lease the replica refused changes nothing.
+    Returns the tenant the engine charges if the request is abandoned (None: unlimited, nothing
+    to charge). A request cancelled (or failed) while the quota replica admits it settles at
+    once, as the slot may have been taken; settling a lease the replica refused changes nothing.
     """
     if quotas is None or not tenant.limits.any:
-        return
+        return None
     try:
         await quotas.admit(tenant.name, lease, reserve())
     except BaseException:
         quotas.settle(tenant.name, lease, 0)
         raise
     trace.observe = settling(trace.observe, quotas, tenant.name, lease)
+    return tenant.name

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from servegraph.deployments.errors import BadRequestError, EngineCrashedError, EngineUnavailableError
 from servegraph.deployments.messages import EngineRequest
+from servegraph.deployments.quota import OrderedSender
 from servegraph.deployments.stage_process import drop_serve_access_lines
 from servegraph.models import cpu_amx
 from servegraph.models.build import resolve_model_source
@@ -51,7 +53,7 @@ def _cpu_kv_cache_budget(model_source: str, spec: ModelSpec) -> int:
 
 @serve.deployment  # options: graphs/builder.py and models/placement.py
 class Engine:
-    def __init__(self, spec: ModelSpec, cache_dir: str | None = None) -> None:
+    def __init__(self, spec: ModelSpec, cache_dir: str | None = None, quota: DeploymentHandle | None = None) -> None:
         # vLLM's logging setup (dictConfig at import) closes Serve's log handlers: the
         # replica would log nothing, request ids included, once vLLM is imported.
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
@@ -77,6 +79,7 @@ class Engine:
             stat_loggers=[RayPrometheusStatLogger],  # vllm:* queue, running, KV cache series
         )
         self._counters = EngineCounters()
+        self._charges = OrderedSender(quota.charge_all) if quota is not None else None
 
     async def generate(self, requests: list[EngineRequest]) -> AsyncIterator[tuple[int, Any]]:
         """(prompt index, vLLM RequestOutput) for every prompt of one client request, as they come.
@@ -107,36 +110,72 @@ class Engine:
 
     async def _outputs(self, request: EngineRequest) -> AsyncIterator[Any]:
         """One prompt's outputs. Only the first carries the prompt's token ids and logprobs (when
-        there is one sample: later messages stay small); the last carries the time in this engine."""
+        there is one sample: later messages stay small); the last carries the time in this engine.
+
+        vLLM's `generate` loop, open: on an abort the request's last output (all its tokens, for
+        a request that does not stream) is still at hand, to charge the tenant for them.
+        """
         from vllm.inputs import TokensPrompt
 
         self._counters.started += 1
         started = time.perf_counter()
         trim_prompt = request.sampling_params.n == 1
-        outputs = self._engine.generate(
+        collector = await self._engine.add_request(
+            request.request_id,
             TokensPrompt(prompt_token_ids=request.prompt_token_ids),
             request.sampling_params,  # vLLM validates here too
-            request.request_id,
             priority=request.priority,
             reasoning_ended=request.reasoning_ended,
             reasoning_parser_kwargs=request.reasoning_parser_kwargs,
         )
-        first = True
+        first, finished = True, False
         try:
-            async for output in outputs:
+            while not finished:
+                output = collector.get_nowait() or await collector.get()  # drained without a task switch when ready
+                finished = output.finished
                 self._counters.generated_tokens += sum(len(c.token_ids) for c in output.outputs)
                 if trim_prompt and not first:
                     output.prompt_token_ids = output.prompt_logprobs = None
                 first = False
-                output.engine_seconds = time.perf_counter() - started if output.finished else None
+                output.engine_seconds = time.perf_counter() - started if finished else None
                 yield output
             self._counters.finished += 1
             logger.info("engine request finished", extra={"engine_request_id": request.request_id})
         except (asyncio.CancelledError, GeneratorExit):
-            self._counters.aborted += 1
+            if not finished:
+                self._counters.aborted += 1
+                await self._engine.abort(collector.request_id, internal=True)
+                self._charge_abandoned(request, collector)
+            raise
+        except BaseException:
+            if not finished and not self._engine.errored:
+                await self._engine.abort(collector.request_id, internal=True)
             raise
         finally:
-            await outputs.aclose()  # aborts the vLLM request if it is still running
+            collector.close()
+
+    def _charge_abandoned(self, request: EngineRequest, collector: Any) -> None:
+        """The tokens an abandoned request that does not stream used (prompt and generated), charged
+        to its tenant.
+
+        Nothing of it reached the ingress (vLLM sends such a request one final output), which
+        settled it for none. vLLM's abort leaves the request's last output, every token so
+        far, in its collector. Streams are billed at the ingress for what was sent.
+        """
+        from vllm.sampling_params import RequestOutputKind
+
+        if request.charge_to is None or self._charges is None:
+            return
+        if request.sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
+            return
+        try:
+            last = collector.get_nowait()
+        except Exception:  # the collector holds an error instead: nothing to count
+            return
+        generated = sum(len(c.token_ids) for c in last.outputs) if last is not None else 0
+        if generated:  # the prompt was computed too, and the ingress, which got no output, billed none of it
+            self._counters.generated_tokens += generated
+            self._charges.send((request.charge_to, request.request_id, len(request.prompt_token_ids) + generated))
 
     def stats(self) -> dict[str, int]:
         return {**asdict(self._counters), "unfinished": self._engine.get_num_unfinished_requests()}

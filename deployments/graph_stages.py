@@ -72,7 +72,9 @@ class HandleStages:
         The ingress never holds it: no wait for it before the postprocess call, and no vLLM
         objects (SamplingParams, request models) to unpickle, so this process never imports vLLM.
         """
-        return self._tokenizer.prepare.remote(call.route, call.request, call.request_id, call.priority, call.model_name)
+        return self._tokenizer.prepare.remote(
+            call.route, call.request, call.request_id, call.priority, call.model_name, call.charge_to
+        )
 
     async def stream(self, call: GenerationCall) -> AsyncIterator[ResponseChunk]:
         chunks = self._postprocess_stream.stream.remote(self._prepared(call))
@@ -122,8 +124,10 @@ class LinkAttempts:
         deadline: Deadline,
         priority: int,
         primary: Link,
+        charge_to: str | None = None,
     ) -> None:
         self._stages = stages
+        self._charge_to = charge_to
         self._request = request
         self._response_id = response_id
         self._deadline = deadline
@@ -134,7 +138,9 @@ class LinkAttempts:
         return self._request.model if link is self._primary else link.model
 
     def _call(self, link: Link) -> GenerationCall:
-        return GenerationCall(link.target, self._request, self._response_id, self._priority, self._model_name(link))
+        return GenerationCall(
+            link.target, self._request, self._response_id, self._priority, self._model_name(link), self._charge_to
+        )
 
     async def stream(self, link: Link) -> AsyncIterator[ResponseChunk]:
         if isinstance(link.target, UpstreamSpec):

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from servegraph.deployments.errors import as_openai_error
 from servegraph.deployments.messages import ResponseChunk
 from servegraph.deployments.streaming import Deadline
 from servegraph.deployments.telemetry import RequestTrace, status_of
 from servegraph.deployments.upstream import sse
+
+if TYPE_CHECKING:
+    from servegraph.deployments.response_cache import StreamRecorder
 
 logger = logging.getLogger("servegraph.ingress")
 
@@ -33,8 +37,17 @@ async def open_stream(chunks: AsyncIterator[ResponseChunk], deadline: Deadline) 
     return replay()
 
 
-async def sse_events(chunks: AsyncIterator[ResponseChunk], response_id: str, trace: RequestTrace) -> AsyncIterator[str]:
-    """The postprocess stage's SSE events as they come; a failure after the headers becomes an error event."""
+async def sse_events(
+    chunks: AsyncIterator[ResponseChunk],
+    response_id: str,
+    trace: RequestTrace,
+    recorder: StreamRecorder | None = None,
+) -> AsyncIterator[str]:
+    """The postprocess stage's SSE events as they come; a failure after the headers becomes an error event.
+
+    A cacheable stream has a recorder: it sees every chunk as it passes and stores the stream
+    only if every event went out and none was an error. Other streams pay one `is None` per chunk.
+    """
     last: ResponseChunk | None = None
     status = 200
     try:
@@ -43,7 +56,11 @@ async def sse_events(chunks: AsyncIterator[ResponseChunk], response_id: str, tra
             trace.text(chunk)
             last = chunk
             status = chunk.error_status or status
+            if recorder is not None:
+                recorder.add(chunk)
             yield chunk.data
+        if recorder is not None and status == 200 and last is not None:
+            recorder.complete(last)
     except Exception as exc:  # headers are gone: report the failure in the stream itself
         error = as_openai_error(exc)
         status = error.status_code

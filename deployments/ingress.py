@@ -36,8 +36,17 @@ from servegraph.deployments.messages import ModelRoute
 from servegraph.deployments.protocol import ClientRequest, ModelCard, ModelList, RequestKind, model_of, new_id
 from servegraph.deployments.quota import HandleQuotas, Quotas
 from servegraph.deployments.request_limits import check_limits
+from servegraph.deployments.response_cache import CachedResponse, CachePlan, IngressResponseCache
+from servegraph.deployments.router import Link, TrafficWeights
 from servegraph.deployments.streaming import Deadline
-from servegraph.deployments.telemetry import MetricLabels, RequestRecord, RequestTelemetry, RequestTrace, status_of
+from servegraph.deployments.telemetry import (
+    CacheTelemetry,
+    MetricLabels,
+    RequestRecord,
+    RequestTelemetry,
+    RequestTrace,
+    status_of,
+)
 from servegraph.deployments.usage import UsageRecord, UsageReport, read_usage, summarize
 from servegraph.deployments.usage_log import UsageLog
 from servegraph.models.config import AuthConfig, IngressConfig, LLMAppArgs, RequestLimits, served_names
@@ -68,12 +77,15 @@ def build_openai_app(
     quotas: Quotas | None = None,
     usage_dir: Path | None = None,
     limits: RequestLimits | None = None,
+    response_cache: IngressResponseCache | None = None,
 ) -> FastAPI:
     """The OpenAI API over stages; observe gets one RequestRecord per finished request.
 
     Without a tenant directory, auth is off (every caller is the `default` tenant); with one,
     FrontDoor checks credentials before any route runs. Tenants with limits are admitted by
-    quotas; /v1/usage reads the records kept in usage_dir.
+    quotas; /v1/usage reads the records kept in usage_dir. With a response cache, repeated
+    deterministic requests are answered from it (after auth and quota admission, which a hit
+    passes like any request).
     """
     directory = tenants or TenantDirectory(AuthConfig(enabled=False))
     limits = limits or RequestLimits()
@@ -97,6 +109,19 @@ def build_openai_app(
 
     install_error_handlers(app, on_rejected)
 
+    def cache_lookup(
+        http_request: Request, request: ClientRequest, tenant: Tenant, primary: Link
+    ) -> tuple[CachePlan | None, CachedResponse | None]:
+        """The request's cache plan and hit; (None, None) when the cache is off or does not cover it."""
+        if response_cache is None:
+            return None, None
+        cache_control = http_request.headers.get("cache-control")
+        plan = response_cache.plan(tenant.name, request, primary.target, cache_control)
+        return plan, None if plan is None else response_cache.lookup(plan)
+
+    def cache_headers(plan: CachePlan | None, hit: CachedResponse | None) -> dict[str, str]:
+        return {} if plan is None or response_cache is None else response_cache.headers(plan, hit)
+
     async def generate(http_request: Request, request: ClientRequest, id_prefix: str, tenant: Tenant):
         trace = RequestTrace(
             observe, request_id_of(http_request), application, request.model, request.stream, tenant=tenant.name
@@ -106,18 +131,28 @@ def build_openai_app(
             chain_links = await stages.chain(request.model, session_key_of(http_request, request))
             links = allowed_links(tenant, request.model, chain_links)
             primary = links[0]
-            await take_lease(quotas, tenant, response_id, trace, reservation(request, primary))
+            charge_to = await take_lease(quotas, tenant, response_id, trace, reservation(request, primary))
+            plan, hit = cache_lookup(http_request, request, tenant, primary)
             deadline = Deadline(link_timeout(primary), lambda: timeout_error(primary.model, link_timeout(primary)))
-            attempts = LinkAttempts(stages, request, response_id, deadline, tenant.priority.engine_priority, primary)
-            link, result = await chain.first_served(links, attempts.stream if request.stream else attempts.complete)
+            priority = tenant.priority.engine_priority
+            attempts = LinkAttempts(stages, request, response_id, deadline, priority, primary, charge_to)
+            if hit is None:
+                link, result = await chain.first_served(links, attempts.stream if request.stream else attempts.complete)
+            else:
+                link, result = primary, response_cache.replay(hit, response_id, request.stream)
+                trace.cached = True
             target = link.target
             version = target.version if isinstance(target, ModelRoute) else "upstream"
             trace.served(link.served_by, version, getattr(target, "log_payloads", False), request)
-            headers = {SERVED_BY_HEADER: link.served_by}
+            headers = {SERVED_BY_HEADER: link.served_by, **cache_headers(plan, hit)}
+            keep = plan if plan is not None and hit is None and link is primary else None  # the keyed link's answer
             if request.stream:
-                events = sse_events(result, response_id, trace)
+                recorder = response_cache.recorder(keep, response_id) if keep is not None else None
+                events = sse_events(result, response_id, trace, recorder)
                 return StreamingResponse(events, media_type="text/event-stream", headers=headers)
             trace.text(result)
+            if keep is not None:
+                response_cache.store(keep, result, response_id)
         except BaseException as exc:
             trace.finish(status_of(exc))
             raise
@@ -229,7 +264,17 @@ class Ingress:
         quota: DeploymentHandle | None = None,
     ):
         self._stages = HandleStages(router, tokenizer, postprocess)
-        self._telemetry = RequestTelemetry(MetricLabels.of(served_names(args), args.auth))
+        labels = MetricLabels.of(served_names(args), args.auth)
+        self._telemetry = RequestTelemetry(labels)
+        replica = serve.get_replica_context()
+        self._response_cache = (
+            IngressResponseCache(
+                args.response_cache, CacheTelemetry(replica.app_name, replica.replica_id.unique_id, labels)
+            )
+            if args.response_cache.enabled
+            else None
+        )
+        self._traffic: TrafficWeights = {}
         self._tenants = TenantDirectory(args.auth)
         self._quotas = HandleQuotas(quota) if quota is not None else None
         self._limits = args.limits
@@ -243,6 +288,10 @@ class Ingress:
     async def reconfigure(self, user_config: dict) -> None:
         config = IngressConfig.model_validate(user_config)
         await self._stages.set_traffic(config.traffic)
+        if self._response_cache is not None:
+            emptied = self._response_cache.traffic_changed(self._traffic, config.traffic)
+            logger.info("response cache emptied for %s: traffic changed", sorted(emptied) or "no model")
+        self._traffic = config.traffic
         logger.info("traffic weights now %s", config.traffic)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -256,6 +305,7 @@ class Ingress:
             quotas=self._quotas,
             usage_dir=self._usage.directory,
             limits=self._limits,
+            response_cache=self._response_cache,
         )
 
     def __del__(self) -> None:

@@ -56,6 +56,7 @@ class GenerationCall:
     request_id: str
     priority: int = 0
     model_name: str | None = None
+    charge_to: str | None = None  # a tenant with a quota lease: see EngineRequest.charge_to
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class EngineRequest:
     priority: int = 0  # vLLM's: lower is scheduled first
     reasoning_ended: bool | None = None
     reasoning_parser_kwargs: dict[str, Any] | None = None
+    charge_to: str | None = None  # the limited tenant the engine charges if the request is abandoned
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,72 @@ ERROR_EVENT_PREFIX = 'data: {"error"'
 RESPONSE_COMPLETED_PREFIX = "event: response.completed\n"  # the Responses API's last event
 
 
-class OutputTally:
-    """Counts what the engine produced for one request while vLLM's generators consume it."""
+def unreceived_tokens(decode: Callable[[list[int]], str], token_ids: list[int], received: str) -> int:
+    """How many of the last tokens the client never saw any text of: those that only spell the
+    stop string vLLM cut from the text. The token where the stop string begins counts as received
+    when some of its text was.
 
-    def __init__(self, prepared: PreparedRequest) -> None:
+    Texts are compared, not lengths: a prefix that ends inside a multi-byte character decodes to
+    a replacement character, as long as the whole character. When our decoding disagrees with
+    vLLM's incremental one, nothing is taken off: the tenant is billed vLLM's count.
+    """
+    hidden = 0
+    while hidden < len(token_ids) and decode(token_ids[: len(token_ids) - hidden - 1]).startswith(received):
+        hidden += 1
+    return hidden
+
+
+@dataclass
+class Generated:
+    """One choice's tokens and the text the client gets of them."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+
+class StopStringBilling:
+    """Bills a choice that ends on a stop string for the tokens whose text reached the client.
+
+    vLLM counts the stop string's tokens in usage but cuts their text; the tenant is not billed
+    for them (the response's `usage` still shows vLLM's count). Tokens are kept only for
+    requests with stop strings that are not sent back.
+    """
+
+    def __init__(self, prepared: PreparedRequest, tokenizer: Any) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        params = [r.sampling_params for r in prepared.engine_requests]
+        self.active = any(p.stop and not p.include_stop_str_in_output for p in params)
+        self._delta = [p.output_kind == RequestOutputKind.DELTA for p in params]
+        self._skip_special = [p.skip_special_tokens for p in params]
+        self._choices: dict[tuple[int, int], Generated] = {}
+        self._tokenizer = tokenizer
+        self.unreceived = 0
+
+    def see(self, index: int, completion: Any) -> None:
+        choice = self._choices.setdefault((index, completion.index), Generated())
+        if self._delta[index]:
+            choice.token_ids.extend(completion.token_ids)
+            choice.text.append(completion.text)
+        else:
+            choice.token_ids, choice.text = list(completion.token_ids), [completion.text]
+        if completion.finish_reason == "stop" and isinstance(completion.stop_reason, str):
+            skip = self._skip_special[index]
+
+            def decode(ids: list[int]) -> str:
+                return self._tokenizer.decode(ids, skip_special_tokens=skip)
+
+            self.unreceived += unreceived_tokens(decode, choice.token_ids, "".join(choice.text))
+
+
+class OutputTally:
+    """Counts what the engine produced for one request while vLLM's generators consume it.
+
+    completion_tokens is what the tenant is billed: every token generated, less those that
+    only spelled a stop string the client never received.
+    """
+
+    def __init__(self, prepared: PreparedRequest, tokenizer: Any) -> None:
         self.prompt_tokens = prepared.prompt_tokens
         self.completion_tokens = 0
         self.finish_reason: str | None = None
@@ -42,24 +105,27 @@ class OutputTally:
         self.error: OpenAIError | None = None
         self._keep_text = prepared.route.log_payloads
         self._text: list[str] = []
+        self._stops = StopStringBilling(prepared, tokenizer)
 
-    def see(self, output: Any) -> None:
+    def see(self, index: int, output: Any) -> None:
         for completion in output.outputs:
             self.completion_tokens += len(completion.token_ids)
             self.finish_reason = completion.finish_reason or self.finish_reason
             if self._keep_text:
                 self._text.append(completion.text)
+            if self._stops.active:
+                self._stops.see(index, completion)
         seconds = getattr(output, "engine_seconds", None)
         if seconds is not None:
             self.engine_seconds = max(seconds, self.engine_seconds or 0.0)
 
     async def watch(self, first: Indexed, rest: AsyncIterator[Indexed]) -> AsyncIterator[Indexed]:
         """first, then rest, each counted; a failure is kept (for its status) and raised on to vLLM."""
-        self.see(first[1])
+        self.see(*first)
         yield first
         try:
             async for indexed in rest:
-                self.see(indexed[1])
+                self.see(*indexed)
                 yield indexed
         except Exception as exc:
             self.error = as_openai_error(exc)
@@ -71,7 +137,7 @@ class OutputTally:
         return ResponseChunk(
             data,
             self.prompt_tokens,
-            self.completion_tokens,
+            self.completion_tokens - self._stops.unreceived,
             self.finish_reason if finished else None,
             finished,
             self.engine_seconds if finished else None,
@@ -120,7 +186,7 @@ class ResponseShaper:
 
     async def stream(self, prepared: PreparedRequest, rest: AsyncIterator[Indexed]) -> AsyncIterator[ResponseChunk]:
         """SSE events as vLLM's server streams them, from the engine's (prompt index, output) stream."""
-        tally = OutputTally(prepared)
+        tally = OutputTally(prepared, self._tokenizer)
         outputs = tally.watch(await self._first_output(prepared, rest), rest)
         kind = request_kind(prepared.request)
         events = {"chat": self._chat_events, "completion": self._completion_events, "responses": self._responses_events}
@@ -133,7 +199,7 @@ class ResponseShaper:
         """The whole response body, as vLLM's server answers a request that does not stream."""
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-        tally = OutputTally(prepared)
+        tally = OutputTally(prepared, self._tokenizer)
         outputs = tally.watch(await self._first_output(prepared, rest), rest)
         kind = request_kind(prepared.request)
         shapes = {"chat": self._chat_response, "completion": self._completion_response,

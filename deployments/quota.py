@@ -5,6 +5,10 @@ replicas admit requests, and an ingress replica that dies takes nothing of them 
 The ingress asks it once before serving (`admit`), reserving the request's prompt and
 max_tokens, and tells it the tokens used once the request has finished (`settle`), which
 frees the reservation: concurrent requests cannot overdraw a token limit between the two.
+
+A request that does not stream and is abandoned (client gone, deadline) reaches the ingress
+with no output, so the ingress settles it for no tokens; the engine replica, which knows what
+it generated before the abort, charges its prompt and those tokens itself (`charge`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -72,12 +76,15 @@ class TenantUsage:
     requests: SlidingMinute = field(default_factory=SlidingMinute)
     tokens: SlidingMinute = field(default_factory=SlidingMinute)
     leases: dict[str, Lease] = field(default_factory=dict)
+    charged: dict[str, float] = field(default_factory=dict)  # charge id -> when it may be forgotten
 
     def expire(self, now: float) -> None:
         self.requests.expire(now)
         self.tokens.expire(now)
         for lease in [lease for lease, held in self.leases.items() if held.expiry <= now]:
             del self.leases[lease]
+        for charge in [charge for charge, until in self.charged.items() if until <= now]:
+            del self.charged[charge]
 
     @property
     def reserved_tokens(self) -> int:
@@ -144,6 +151,35 @@ class QuotaLedger:
         if usage is not None and usage.leases.pop(lease, None) is not None:
             usage.tokens.add(self._clock(), tokens)
 
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Each limited tenant's minute so far: what an operator (and a test) can read of the ledger."""
+        now = self._clock()
+        for usage in self._usage.values():
+            usage.expire(now)
+        return {
+            tenant: {
+                "requests_this_minute": usage.requests.total,
+                "tokens_this_minute": usage.tokens.total,
+                "reserved_tokens": usage.reserved_tokens,
+                "in_flight": len(usage.leases),
+            }
+            for tenant, usage in self._usage.items()
+        }
+
+    def charge(self, tenant: str, charge_id: str, tokens: int) -> None:
+        """Tokens an engine generated for an abandoned request, counted once per charge id.
+
+        No lease: the request has already settled (for no tokens) at the ingress. A charge sent
+        again, because its first reply was lost, changes nothing.
+        """
+        usage, now = self._usage.get(tenant), self._clock()
+        if usage is None:
+            return
+        usage.expire(now)
+        if charge_id not in usage.charged:
+            usage.charged[charge_id] = now + LEASE_S
+            usage.tokens.add(now, tokens)
+
 
 def limited_tenants(tenants: list[TenantSpec]) -> dict[str, TenantLimits]:
     return {spec.name: spec.limits for spec in tenants if spec.limits.any}
@@ -166,8 +202,15 @@ class Quota:
         for tenant, lease, tokens in settlements:
             self._ledger.settle(tenant, lease, tokens)
 
+    async def charge_all(self, charges: list[Settlement]) -> None:
+        for tenant, charge_id, tokens in charges:
+            self._ledger.charge(tenant, charge_id, tokens)
 
-Settlement = tuple[str, str, int]  # tenant, lease, tokens used
+    async def snapshot(self) -> dict[str, dict[str, int]]:
+        return self._ledger.snapshot()
+
+
+Settlement = tuple[str, str, int]  # tenant, lease (or charge id), tokens used
 
 
 class Quotas(Protocol):
@@ -190,22 +233,20 @@ class LocalQuotas:
         self._ledger.settle(tenant, lease, tokens)
 
 
-class HandleQuotas:
-    """The cluster's Quota replica. Settling does not hold up the response, but is not dropped on
-    a failed call: settlements queue in order and go in one call per batch, retried with backoff
-    until the replica answers (settling is idempotent, so a retry cannot bill twice)."""
+class OrderedSender:
+    """Settlements for one method of the Quota replica: they do not hold up the response, but are
+    not dropped on a failed call either. They queue in order and go in one call per batch,
+    retried with backoff until the replica answers (settling and charging are idempotent, so a
+    retry cannot bill twice)."""
 
-    def __init__(self, quota: DeploymentHandle, retry_delays_s: tuple[float, ...] = SETTLE_RETRY_DELAYS_S) -> None:
-        self._quota = quota
+    def __init__(self, method: Any, retry_delays_s: tuple[float, ...] = SETTLE_RETRY_DELAYS_S) -> None:
+        self._method = method  # a DeploymentHandle method: settle_all or charge_all
         self._pending: deque[Settlement] = deque(maxlen=MAX_PENDING_SETTLEMENTS)  # oldest dropped past it
         self._sender: asyncio.Task | None = None
         self._retry_delays_s = retry_delays_s
 
-    async def admit(self, tenant: str, lease: str, reserve_tokens: int = 0) -> None:
-        await self._quota.admit.remote(tenant, lease, reserve_tokens)
-
-    def settle(self, tenant: str, lease: str, tokens: int) -> None:
-        self._pending.append((tenant, lease, tokens))
+    def send(self, settlement: Settlement) -> None:
+        self._pending.append(settlement)
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send_pending())
 
@@ -215,10 +256,10 @@ class HandleQuotas:
         while self._pending:
             batch = list(self._pending)
             try:
-                await self._quota.settle_all.remote(batch)
+                await self._method.remote(batch)
             except Exception:
                 delay = self._retry_delays_s[min(failures, len(self._retry_delays_s) - 1)]
-                logger.warning("could not settle %d requests; retrying in %s s", len(batch), delay, exc_info=True)
+                logger.warning("could not send %d settlements; retrying in %s s", len(batch), delay, exc_info=True)
                 failures += 1
                 await asyncio.sleep(delay)
                 continue
@@ -226,3 +267,17 @@ class HandleQuotas:
             for settled in batch:
                 if self._pending and self._pending[0] == settled:  # the bounded queue may have dropped it
                     self._pending.popleft()
+
+
+class HandleQuotas:
+    """The cluster's Quota replica: admission awaited, settlements sent in order in the background."""
+
+    def __init__(self, quota: DeploymentHandle, retry_delays_s: tuple[float, ...] = SETTLE_RETRY_DELAYS_S) -> None:
+        self._quota = quota
+        self._settlements = OrderedSender(quota.settle_all, retry_delays_s)
+
+    async def admit(self, tenant: str, lease: str, reserve_tokens: int = 0) -> None:
+        await self._quota.admit.remote(tenant, lease, reserve_tokens)
+
+    def settle(self, tenant: str, lease: str, tokens: int) -> None:
+        self._settlements.send((tenant, lease, tokens))

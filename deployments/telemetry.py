@@ -48,6 +48,7 @@ class RequestRecord:
     finish_reason: str | None = None
     prompt: str | None = None
     completion: str | None = None
+    cached: bool = False  # answered from the ingress's response cache, not by the engine
 
     @property
     def tpot_s(self) -> float | None:
@@ -79,12 +80,18 @@ class MetricLabels:
     def of(cls, model_names: frozenset[str], auth: AuthConfig) -> MetricLabels:
         return cls(frozenset(model_names), frozenset({DEFAULT_TENANT, *(spec.name for spec in auth.tenants)}))
 
+    def model(self, name: str) -> str:
+        return name if name in self.models else OTHER_LABEL
+
+    def tenant(self, name: str) -> str:
+        return name if name in self.tenants else OTHER_LABEL
+
     def tags(self, record: RequestRecord) -> dict[str, str]:
         return {
             "application": record.application,
-            "model": record.model if record.model in self.models else OTHER_LABEL,
+            "model": self.model(record.model),
             "version": record.version,
-            "tenant": record.tenant if record.tenant in self.tenants else OTHER_LABEL,
+            "tenant": self.tenant(record.tenant),
         }
 
 
@@ -134,6 +141,62 @@ class RequestTelemetry:
         self._log.info("request finished", extra={"servegraph": asdict(record)})
 
 
+class CacheTelemetry:
+    """The response cache's hits, misses, evictions and size as Ray metrics (a response_cache.CacheListener).
+
+    Size is a gauge per ingress replica (each keeps its own cache); labels come from the
+    configuration only, as for requests.
+    """
+
+    def __init__(self, application: str, replica: str, labels: MetricLabels) -> None:
+        from ray.util import metrics
+
+        lookup_tags = ("application", "model", "tenant")
+        self._hits = metrics.Counter(
+            "servegraph_response_cache_hits", "Requests answered from the response cache.", tag_keys=lookup_tags
+        )
+        self._misses = metrics.Counter(
+            "servegraph_response_cache_misses",
+            "Cacheable requests the cache did not answer (absent, expired, or Cache-Control: no-cache/no-store).",
+            tag_keys=lookup_tags,
+        )
+        self._evictions = metrics.Counter(
+            "servegraph_response_cache_evictions",
+            "Entries dropped: size (LRU), expired (TTL), invalidated (the model's traffic changed).",
+            tag_keys=("application", "model", "reason"),
+        )
+        self._bytes = metrics.Gauge(
+            "servegraph_response_cache_bytes", "Bytes held by one ingress replica's response cache.",
+            tag_keys=("application", "replica"),
+        )  # fmt: skip
+        self._entries = metrics.Gauge(
+            "servegraph_response_cache_entries", "Entries in one ingress replica's response cache.",
+            tag_keys=("application", "replica"),
+        )  # fmt: skip
+        self._application = application
+        self._replica = replica
+        self._labels = labels
+
+    def _lookup_tags(self, model: str, tenant: str) -> dict[str, str]:
+        labels = self._labels
+        return {"application": self._application, "model": labels.model(model), "tenant": labels.tenant(tenant)}
+
+    def hit(self, model: str, tenant: str) -> None:
+        self._hits.inc(1, self._lookup_tags(model, tenant))
+
+    def miss(self, model: str, tenant: str) -> None:
+        self._misses.inc(1, self._lookup_tags(model, tenant))
+
+    def evicted(self, model: str, reason: str) -> None:
+        tags = {"application": self._application, "model": self._labels.model(model), "reason": reason}
+        self._evictions.inc(1, tags)
+
+    def resized(self, nbytes: int, entries: int) -> None:
+        tags = {"application": self._application, "replica": self._replica}
+        self._bytes.set(nbytes, tags)
+        self._entries.set(entries, tags)
+
+
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; OpenAI has none
 
 
@@ -159,6 +222,7 @@ class RequestTrace:
     first_token_at: float | None = None
     prompt: str | None = None
     completion_parts: list[str] | None = None
+    cached: bool = False
 
     def served(self, served_by: str, version: str, log_payloads: bool, request: BaseModel) -> None:
         """Only a model whose spec says log_payloads gets its text into the record."""
@@ -194,5 +258,6 @@ class RequestTrace:
                 finish_reason=last.finish_reason if last else None,
                 prompt=self.prompt,
                 completion=None if self.completion_parts is None else "".join(self.completion_parts),
+                cached=self.cached,
             )
         )

@@ -53,10 +53,12 @@ class PromptTokenizer:
         request_id: str,
         priority: int = 0,
         model_name: str | None = None,
+        charge_to: str | None = None,
     ) -> PreparedRequest:
         """The body parsed (once, here) by vLLM's request model, rendered into engine requests.
 
-        priority: vLLM's, lower first (see models.config.PriorityClass).
+        priority: vLLM's, lower first (see models.config.PriorityClass); charge_to: the tenant
+        the engine charges for what an abandoned request generated (see quota.py).
         """
         from vllm.exceptions import VLLMClientError
 
@@ -74,6 +76,9 @@ class PromptTokenizer:
             if isinstance(error, ContextLengthExceededError):
                 error.param = param
             raise error from None
+        if charge_to is not None:
+            engine_requests = [replace(r, charge_to=charge_to) for r in prepared.engine_requests]
+            prepared = replace(prepared, engine_requests=engine_requests)
         return replace(prepared, model_name=model_name or request.model)
 
     async def _prepare_completion(
@@ -356,9 +361,11 @@ class Tokenizer:
         request_id: str,
         priority: int = 0,
         model_name: str | None = None,
+        charge_to: str | None = None,
     ) -> Sealed:
         """The PreparedRequest, sealed: the ingress relays it to postprocess without unpickling vLLM objects."""
-        return Sealed.of(await self._by_engine[route.engine].prepare(route, request, request_id, priority, model_name))
+        tokenizer = self._by_engine[route.engine]
+        return Sealed.of(await tokenizer.prepare(route, request, request_id, priority, model_name, charge_to))
 
     async def request_body_schemas(self) -> dict[str, Any]:
         return request_body_schemas()

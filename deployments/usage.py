@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Literal
@@ -67,6 +67,7 @@ class UsageRecord:
     latency_s: float
     status: UsageStatus
     http_status: int
+    cached: bool = False  # answered from the ingress's response cache; parts written before it read as False
 
     @classmethod
     def of(cls, record: RequestRecord, now: float | None = None) -> UsageRecord:
@@ -85,7 +86,9 @@ COPIED_FIELDS = ({f.name for f in fields(UsageRecord)} & {f.name for f in fields
 
 
 # Arrow types by annotation; two columns are stored otherwise: time as a UTC timestamp, HTTP status narrower.
-ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "UsageStatus": pa.string()}
+ARROW_TYPES = {
+    "str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "UsageStatus": pa.string(),
+}  # fmt: skip
 
 
 STORED_AS = {"time": pa.timestamp("ms", tz="UTC"), "http_status": pa.int32()}
@@ -94,10 +97,25 @@ STORED_AS = {"time": pa.timestamp("ms", tz="UTC"), "http_status": pa.int32()}
 USAGE_SCHEMA = pa.schema([(f.name, STORED_AS.get(f.name, ARROW_TYPES.get(f.type))) for f in fields(UsageRecord)])
 
 
+# Columns added after records were first written: a row or part without one takes its default.
+LATER_COLUMNS = {f.name: f.default for f in fields(UsageRecord) if f.default is not MISSING}
+
+
 def records_table(rows: list[dict]) -> pa.Table:
-    columns = {name: [row[name] for row in rows] for name in USAGE_SCHEMA.names}
+    columns = {name: [row.get(name, LATER_COLUMNS.get(name)) for row in rows] for name in USAGE_SCHEMA.names}
+    for name, default in LATER_COLUMNS.items():
+        columns[name] = [default if value is None else value for value in columns[name]]
     columns["time"] = [datetime.fromtimestamp(t, UTC) for t in columns["time"]]
     return pa.Table.from_pydict(columns, schema=USAGE_SCHEMA)
+
+
+def read_part(path: Path) -> pa.Table:
+    """A Parquet part in USAGE_SCHEMA; a part written before a column existed gets its default."""
+    table = pq.read_table(path, schema=USAGE_SCHEMA)
+    for name, default in LATER_COLUMNS.items():
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, name, pc.fill_null(table[name], default))
+    return table
 
 
 def day_of(row: dict) -> date:
@@ -174,7 +192,7 @@ def read_usage(directory: Path, *, since: date | None = None, until: date | None
     flat_tables = {}
     for flat in flat_parts(directory):
         try:
-            flat_tables[flat.stem.removeprefix(PART_PREFIX)] = pq.read_table(flat, schema=USAGE_SCHEMA)
+            flat_tables[flat.stem.removeprefix(PART_PREFIX)] = read_part(flat)
         except FileNotFoundError:  # migrated meanwhile
             continue
     tables, converted = [], set()
@@ -182,7 +200,7 @@ def read_usage(directory: Path, *, since: date | None = None, until: date | None
         day = date.fromisoformat(day_directory.name.removeprefix(DAY_PREFIX))
         for part in sorted(day_directory.glob(f"{PART_PREFIX}*.parquet")):
             try:
-                tables.append(pq.read_table(part, schema=USAGE_SCHEMA))
+                tables.append(read_part(part))
             except FileNotFoundError:
                 continue
             converted.add((part.stem.removeprefix(PART_PREFIX), day))

@@ -53,12 +53,14 @@ def check_gpu_budgets(args: LLMAppArgs) -> None:
 def build_llm_app(args: LLMAppArgs) -> Application:
     """ingress -> tokenizer, then ingress -> postprocess -> one engine deployment per model.
 
-    A `quota` deployment joins when a tenant has limits: one replica, so they hold cluster-wide.
+    A `quota` deployment joins when a tenant has limits: one replica, so they hold cluster-wide;
+    the ingress settles each request with it, and engines charge what abandoned requests generated.
 
     The router owns the model registry; the ingress resolves names with a copy it fetches once.
     """
     if args.accelerator == "gpu":
         check_gpu_budgets(args)
+    quota = Quota.options(**QUOTA_OPTIONS).bind(args.auth.tenants) if limited_tenants(args.auth.tenants) else None
     engines = {
         spec.engine_deployment_name: Engine.options(
             name=spec.engine_deployment_name,
@@ -67,7 +69,7 @@ def build_llm_app(args: LLMAppArgs) -> Application:
             autoscaling_config=engine_autoscaling(spec),
             **engine_deployment_options(spec, args.accelerator),
             **request_router_options(spec),
-        ).bind(spec, args.cache_dir)
+        ).bind(spec, args.cache_dir, quota)  # engines charge what abandoned requests generated
         for spec in args.models
     }
     router = Router.options(**light_stage(StageKind.router)).bind(args.models, args.upstreams)
@@ -75,7 +77,6 @@ def build_llm_app(args: LLMAppArgs) -> Application:
         args.models, args.cache_dir, args.limits.max_prompt_tokens
     )
     postprocess = Postprocess.options(**light_stage(StageKind.postprocess)).bind(args.models, engines, args.cache_dir)
-    quota = Quota.options(**QUOTA_OPTIONS).bind(args.auth.tenants) if limited_tenants(args.auth.tenants) else None
     return Ingress.options(**light_stage(StageKind.ingress)).bind(router, tokenizer, postprocess, args, quota)
 
 
@@ -84,7 +85,8 @@ def request_router_options(spec: ModelSpec) -> dict[str, Any]:
     router = spec.request_router
     if router is None:
         return {}
-    config = RequestRouterConfig(request_router_class=router.class_path, request_router_kwargs=router.kwargs)
+    kwargs = router.kwargs_for(spec.engine_args)
+    config = RequestRouterConfig(request_router_class=router.class_path, request_router_kwargs=kwargs)
     return {"request_router_config": config}
 
 

@@ -181,6 +181,36 @@ class RequestLimits(StrictModel):
     max_tools: int = Field(128, ge=1)
 
 
+class ResponseCacheConfig(StrictModel):
+    """The ingress's exact response cache: repeated deterministic requests answered without the engine.
+
+    Each ingress replica keeps its own cache in memory (LRU by bytes, with a TTL); entries are
+    never shared across tenants and are dropped for a model when its traffic weights change.
+    """
+
+    enabled: bool = Field(False, description="Off unless asked for: a hit returns an earlier response's bytes.")
+    max_bytes: int = Field(64 << 20, ge=1024, description="Bytes of responses kept per ingress replica (LRU).")
+    max_entry_bytes: int = Field(
+        1 << 20, ge=1, description="A response larger than this is never stored (nor collected while streaming)."
+    )
+    ttl_s: float = Field(600, gt=0, description="An entry older than this is never returned.")
+    bill_hits: bool = Field(
+        True,
+        description="A hit counts its tokens in usage records and tenant quotas (its usage record says "
+        "`cached`); false: a hit is recorded with zero tokens.",
+    )
+    tenants: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Tenants whose requests are cached (`default` when auth is off); * for all.",
+    )
+
+    @model_validator(mode="after")
+    def _entry_fits(self) -> ResponseCacheConfig:
+        if self.max_entry_bytes > self.max_bytes:
+            raise ValueError("response_cache.max_entry_bytes must not exceed max_bytes")
+        return self
+
+
 class LLMAppArgs(StrictModel):
     """An OpenAI-compatible multi-model application."""
 
@@ -189,6 +219,7 @@ class LLMAppArgs(StrictModel):
     auth: AuthConfig = Field(description="Required: tenants and their API keys, or `enabled: false` to serve anyone.")
     usage: UsageConfig = Field(default_factory=UsageConfig)
     limits: RequestLimits = Field(default_factory=RequestLimits)
+    response_cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)
     fallback_policy: str | None = Field(
         None,
         description="`module:Class` deciding which failures count against breakers and move a request "
@@ -221,6 +252,10 @@ class LLMAppArgs(StrictModel):
             unknown = sorted(set(tenant.models) - names)
             if unknown:
                 raise ValueError(f"tenant {tenant.name!r} names models this app does not serve: {unknown}")
+        declared = {tenant.name for tenant in self.auth.tenants} if self.auth.enabled else {"default"}
+        unknown_tenants = sorted(set(self.response_cache.tenants) - declared - {"*"})
+        if unknown_tenants:
+            raise ValueError(f"response_cache.tenants names tenants this app does not declare: {unknown_tenants}")
         return self
 
 

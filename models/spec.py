@@ -135,15 +135,56 @@ PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 CpuAmxMode = Literal["auto", "off", "vllm"]
 
 
+# Our prefix-aware router (servegraph.deployments.prefix_router), named by path: this schema imports no stage.
+PREFIX_ROUTER_CLASS_PATH = "servegraph.deployments.prefix_router:PrefixAwareRouter"
+
+
+class PrefixRouterSettings(StrictModel):
+    """The prefix-aware router's kwargs, checked with the config rather than when a replica routes."""
+
+    block_size: int = Field(
+        16,
+        ge=1,
+        description="Tokens per hashed block. Default: the engine_args' prefix_match_unit or block_size, else 16; "
+        "finer than the engine's blocks only costs hashing, coarser misses short shared prefixes.",
+    )
+    imbalance_threshold: int = Field(
+        4,
+        ge=0,
+        description="A replica with this many more requests than the least busy one is passed over, "
+        "whatever prefix it holds.",
+    )
+    index_capacity: int = Field(
+        32768, ge=1, description="Block hashes remembered per replica; the least recently routed go first."
+    )
+
+
 class RequestRouterSpec(StrictModel):
     """Serve's request router for one model's engine replicas: which replica takes each request.
 
     Any subclass of Serve's `RequestRouter`, by import path; Serve imports it when the app is
     built, so a wrong path fails `servegraph validate`. Default: Serve's power of two choices.
+    Ours, PREFIX_ROUTER_CLASS_PATH, sends requests sharing a prompt prefix to the replica whose
+    prefix cache holds it; its kwargs are PrefixRouterSettings.
     """
 
     class_path: str = Field(pattern=IMPORT_PATH_PATTERN, description="`module:Class`.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the router's initialize_state.")
+
+    @model_validator(mode="after")
+    def _prefix_router_kwargs_valid(self) -> RequestRouterSpec:
+        if self.class_path == PREFIX_ROUTER_CLASS_PATH:
+            PrefixRouterSettings.model_validate(self.kwargs)
+        return self
+
+    def kwargs_for(self, engine_args: dict[str, Any]) -> dict[str, Any]:
+        """The kwargs Serve passes the router: ours hashes blocks of the engine's own prefix-cache
+        granularity unless the config says otherwise (vLLM's default differs by platform, so
+        without engine_args the router keeps its own)."""
+        engine_block = engine_args.get("prefix_match_unit") or engine_args.get("block_size")
+        if self.class_path != PREFIX_ROUTER_CLASS_PATH or engine_block is None:
+            return dict(self.kwargs)
+        return {"block_size": engine_block, **self.kwargs}
 
 
 class ModelSpec(StrictModel):

@@ -93,7 +93,7 @@ class InProcessStages:
         """As the tokenizer stage prepares it, sealed (pickled) as it crosses to postprocess in Serve."""
         tokenizer = self._prompts[call.route.engine]
         prepared = await tokenizer.prepare(call.route, copy.deepcopy(call.request), call.request_id, call.priority,
-                                           call.model_name)  # fmt: skip
+                                           call.model_name, call.charge_to)  # fmt: skip
         return Sealed.of(prepared).open()
 
     def _outputs(self, prepared: PreparedRequest) -> AsyncIterator:

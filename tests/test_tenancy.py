@@ -20,6 +20,7 @@ from servegraph.deployments.auth import Tenant, hash_key
 from servegraph.deployments.errors import BadRequestError, RateLimitError
 from servegraph.deployments.front_door import TenantDirectory
 from servegraph.deployments.ingress import build_openai_app
+from servegraph.deployments.postprocess import unreceived_tokens
 from servegraph.deployments.quota import LEASE_S, HandleQuotas, LocalQuotas, QuotaLedger
 from servegraph.deployments.request_limits import reserved_tokens
 from servegraph.deployments.telemetry import RequestRecord, RequestTrace
@@ -102,6 +103,50 @@ def test_a_reservation_frees_with_its_lease_when_the_ingress_never_settles():
         quotas.admit("a", "r2", reserve_tokens=20)
     clock.now += LEASE_S
     quotas.admit("a", "r2", reserve_tokens=20)
+
+
+def test_an_engine_charge_counts_once_and_frees_nothing():
+    """What an abandoned request generated counts against the minute; a resent charge does not count twice."""
+    clock = FakeClock(1000.0)
+    quotas = ledger(clock, tokens_per_minute=100)
+    quotas.admit("a", "r1", reserve_tokens=30)
+    quotas.settle("a", "r1", 5)  # the ingress knew only the prompt
+    quotas.charge("a", "r1-0", 40)
+    quotas.charge("a", "r1-0", 40)  # its first reply was lost
+    quotas.charge("nobody", "x", 40)  # an unlimited tenant: nothing to count
+    assert quotas.snapshot() == {
+        "a": {"requests_this_minute": 1, "tokens_this_minute": 45, "reserved_tokens": 0, "in_flight": 0}
+    }
+    with pytest.raises(RateLimitError):
+        quotas.admit("a", "r2", reserve_tokens=60)  # 45 + 60 > 100
+    clock.now += 61
+    quotas.admit("a", "r2", reserve_tokens=60)
+
+
+def test_unreceived_tokens_are_those_spelling_only_the_cut_stop_string():
+    pieces = {1: "The", 2: " answer", 3: " is", 4: " 4", 5: ".\n", 6: "User", 7: ":"}
+
+    def decode(ids: list[int]) -> str:
+        return "".join(pieces[i] for i in ids)
+
+    ids = [1, 2, 3, 4, 5, 6, 7]
+    assert unreceived_tokens(decode, ids, "The answer is 4") == 3  # stop ".\nUser:" began on a token
+    assert unreceived_tokens(decode, ids, "The answer is 4.") == 2  # stop "\nUser:" began inside ".\n"
+    assert unreceived_tokens(decode, ids, decode(ids)) == 0
+    assert unreceived_tokens(decode, ids, "") == 7
+    assert unreceived_tokens(decode, ids, "The answer is  4") == 0  # decodings disagree: vLLM's count stands
+
+
+def test_a_token_that_completes_a_character_the_client_received_is_billed():
+    """A prefix ending inside a multi-byte character decodes to U+FFFD, as long as the whole
+    character: lengths alone would call the completing token unreceived."""
+    utf8 = {1: b"x", 2: "\u20ac".encode()[:2], 3: "\u20ac".encode()[2:], 4: b"STOP"}
+
+    def decode(ids: list[int]) -> str:
+        return b"".join(utf8[i] for i in ids).decode(errors="replace")
+
+    assert len(decode([1, 2])) == len(decode([1, 2, 3]))  # "x\ufffd" and "x\u20ac"
+    assert unreceived_tokens(decode, [1, 2, 3, 4], "x\u20ac") == 1
 
 
 class FlakyQuota:

@@ -69,7 +69,10 @@ class Graph:
 #   without slowing the default models;
 # - `shared` runs one sequence at a time but holds eight in vLLM's queue, where priorities act.
 # Tenants: `alpha` (admin, key hash in the config) may use every model, `beta` (keys from the
-# environment) none; the others each show one limit or priority class.
+# environment) none; the others each show one limit or priority class. The response cache is on
+# for `faq` and `faq-peer` only, so no other test's requests are answered from it; the ingress
+# has a user_config so a test can change traffic weights in place (which empties the cache).
+CACHED_TENANTS = ["faq", "faq-peer"]
 STRICT_DEADLINE_S = 8
 ALPHA_KEY, BETA_KEY = "sk-test-alpha-5f1c", "sk-test-beta-9d2e"
 TENANT_ENV = {"SERVEGRAPH_TEST_BETA_KEYS": f"sk-unused,{BETA_KEY}"}
@@ -83,6 +86,10 @@ LIMITED_TENANTS = {
     "ledger": {},
     "burst": {"limits": {"tokens_per_minute": 100}},
     "steady": {"limits": {"requests_per_minute": 3}},
+    "abandon": {"limits": {"tokens_per_minute": 20000}},  # room for 8,000-token requests; a ledger to read
+    "stopper": {"limits": {"tokens_per_minute": 20000}},
+    "faq": {},  # `faq` and `faq-peer` are the only tenants whose requests the response cache keeps
+    "faq-peer": {},
 }
 TENANT_KEYS = {name: f"sk-test-{name}-{index}7a" for index, name in enumerate(LIMITED_TENANTS)}
 LIMITS_AUTH = {"tenants": [
@@ -108,13 +115,15 @@ LIMITS_APPS = [
                  "max_ongoing_requests": 8, "max_queued_requests": 16, "default_max_tokens": 64},
             ],
             "auth": LIMITS_AUTH,
+            "response_cache": {"enabled": True, "tenants": CACHED_TENANTS},
         },
         # Small CPU asks, so this app fits beside the default graph's; two ingress and router replicas.
         "deployments": [{"name": engine, "ray_actor_options": {"num_cpus": 0.2}}
                         for engine in ("engine-strict-v1", "engine-shared-v1")]
         + [{"name": name, "ray_actor_options": {"num_cpus": 0.05}} for name in ("tokenizer", "postprocess")]
-        + [{"name": name, "ray_actor_options": {"num_cpus": 0.05}, "autoscaling_config": TWO_REPLICAS}
-           for name in ("ingress", "router")],
+        + [{"name": "ingress", "ray_actor_options": {"num_cpus": 0.05}, "autoscaling_config": TWO_REPLICAS,
+            "user_config": {"traffic": {}}},
+           {"name": "router", "ray_actor_options": {"num_cpus": 0.05}, "autoscaling_config": TWO_REPLICAS}],
     },
     {"name": "limits-admin", "route_prefix": "/limits-admin",
      "import_path": "servegraph.graphs.builder:build_admin_app", "args": {"llm_app": "limits", "auth": LIMITS_AUTH}},
@@ -141,8 +150,8 @@ def resilience_app(upstream_port: int) -> dict:
 
     - `elastic` starts at zero, goes to 2 replicas under load, back down and to zero when idle.
     - `sleepy` scales from zero with a 2 s bound on its cold start, which takes far longer.
-    - `canary` has two versions (v1 on two replicas); `ext` is an external upstream; each
-      falls back to the other.
+    - `canary` has two versions (v1 on two replicas, routed by our prefix-aware router); `ext`
+      is an external upstream; each falls back to the other.
     """
     return {
         "name": "resilience",
@@ -158,7 +167,9 @@ def resilience_app(upstream_port: int) -> dict:
                     "downscale_delay_s": 5, "downscale_to_zero_delay_s": 10, "cold_start_timeout_s": 600}},
                 {"name": "sleepy", **TINY, "autoscaling": {
                     "min_replicas": 0, "max_replicas": 1, "downscale_to_zero_delay_s": 5, "cold_start_timeout_s": 2}},
-                {"name": "canary", **TINY, **SHORT, "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
+                {"name": "canary", **TINY, **SHORT, "autoscaling": {"min_replicas": 2, "max_replicas": 2},
+                 "request_router": {"class_path": "servegraph.deployments.prefix_router:PrefixAwareRouter",
+                                    "kwargs": {"block_size": 16, "imbalance_threshold": 2}}},
                 {"name": "canary", "version": "v2", "build": {"seed": 1}, **SHORT},
             ],
             "upstreams": [

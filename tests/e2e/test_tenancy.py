@@ -260,6 +260,61 @@ def test_usage_records_equal_requests_served_across_a_replica_kill(graph):
     assert other.status_code == 403
 
 
+def admin(graph, path: str) -> dict:
+    response = httpx.get(f"{graph.base_url}/limits-admin/{path}", headers=ALPHA, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_an_abandoned_request_is_charged_for_what_its_engine_generated(graph):
+    """A request that does not stream gets no output before it finishes, so when its deadline
+    (8 s) cuts it off the ingress knows of no tokens; the engine charges its prompt and what it generated."""
+    engine_before = admin(graph, "engines")["engine-strict-v1"]
+    tokens_before = admin(graph, "quotas")["abandon"]["tokens_this_minute"]
+    response = httpx.post(url(graph), json=body(8000, model="strict"), headers=headers("abandon"), timeout=60)
+    assert response.status_code == 504, response.text
+
+    def charged() -> tuple[int, int] | None:
+        engine = admin(graph, "engines")["engine-strict-v1"]
+        generated = engine["generated_tokens"] - engine_before["generated_tokens"]
+        tokens = admin(graph, "quotas")["abandon"]["tokens_this_minute"] - tokens_before
+        return (generated, tokens) if engine["aborted"] > engine_before["aborted"] and tokens else None
+
+    generated, tokens = poll(charged, 30, "the engine's charge for the abandoned request to reach the quota")
+    prompt = len(httpx.post(f"{graph.base_url}/limits/tokenize", json={"model": "strict", "prompt": "Tell me a story"},
+                            headers=headers("abandon"), timeout=30).json()["tokens"])  # fmt: skip
+    assert generated > 0 and tokens == prompt + generated, (prompt, generated, tokens)
+    assert admin(graph, "quotas")["abandon"]["in_flight"] == 0
+
+
+def test_a_stop_string_bills_only_the_tokens_whose_text_was_sent(graph):
+    """The stop string's own tokens count in vLLM's usage, but the client never gets their text: not billed."""
+    plain = body(16, temperature=0, logprobs=1, return_tokens_as_token_ids=True)
+    choice = httpx.post(url(graph), json=plain, headers=headers("stopper"), timeout=60).json()["choices"][0]
+    ids = [int(token.removeprefix("token_id:")) for token in choice["logprobs"]["tokens"]]
+
+    def detokenize(tokens: list[int]) -> str:
+        reply = httpx.post(f"{graph.base_url}/limits/detokenize", json={"model": "shared", "tokens": tokens},
+                           headers=headers("stopper"), timeout=30)  # fmt: skip
+        return reply.json()["prompt"]
+
+    text = detokenize(ids)
+    # a stop string of three whole tokens that first appears where they start
+    start, stop = next(
+        (j, detokenize(ids[j : j + 3])) for j in range(2, len(ids) - 3)
+        if detokenize(ids[j : j + 3]).strip() and text.find(detokenize(ids[j : j + 3])) == len(detokenize(ids[:j]))
+    )  # fmt: skip
+    before = admin(graph, "quotas")["stopper"]["tokens_this_minute"]
+    stopped = httpx.post(url(graph), json={**plain, "stop": [stop]}, headers=headers("stopper"), timeout=60).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["choices"][0]["text"] == detokenize(ids[:start])
+    usage = stopped["usage"]
+    # vLLM's count: the stop string's three tokens, and any it generated before its detokenizer saw the string
+    assert usage["completion_tokens"] >= start + 3, (usage, start)
+
+    billed = poll(lambda: admin(graph, "quotas")["stopper"]["tokens_this_minute"] - before or None, 30, "settlement")
+    assert billed == usage["prompt_tokens"] + start, (billed, usage, start)
+
+
 def test_admin_app_requires_an_admin_key(graph):
     admin = f"{graph.base_url}/limits-admin/engines"
     assert httpx.get(admin, timeout=30).status_code == 401
