@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -122,6 +123,32 @@ def build_openai_app(
     def cache_headers(plan: CachePlan | None, hit: CachedResponse | None) -> dict[str, str]:
         return {} if plan is None or response_cache is None else response_cache.headers(plan, hit)
 
+    async def served(
+        request: ClientRequest, attempts: LinkAttempts, links: list[Link], hit: CachedResponse | None, response_id: str
+    ) -> tuple[Link, Any]:
+        """The first link of the chain that serves the request, and its result; a cache hit is the primary's replay."""
+        if hit is None:
+            return await chain.first_served(links, attempts.stream if request.stream else attempts.complete)
+        return links[0], response_cache.replay(hit, response_id, request.stream)
+
+    def respond(
+        request: ClientRequest,
+        response_id: str,
+        trace: RequestTrace,
+        result: Any,
+        headers: dict[str, str],
+        keep: CachePlan | None,
+    ) -> Response:
+        """SSE or JSON for a served result; `keep` (a cache plan) stores it in the response cache."""
+        if request.stream:
+            recorder = response_cache.recorder(keep, response_id) if keep is not None else None
+            events = sse_events(result, response_id, trace, recorder)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        trace.text(result)
+        if keep is not None:
+            response_cache.store(keep, result, response_id)
+        return Response(result.data, media_type="application/json", headers=headers)
+
     async def generate(http_request: Request, request: ClientRequest, id_prefix: str, tenant: Tenant):
         trace = RequestTrace(
             observe, request_id_of(http_request), application, request.model, request.stream, tenant=tenant.name
@@ -136,28 +163,20 @@ def build_openai_app(
             deadline = Deadline(link_timeout(primary), lambda: timeout_error(primary.model, link_timeout(primary)))
             priority = tenant.priority.engine_priority
             attempts = LinkAttempts(stages, request, response_id, deadline, priority, primary, charge_to)
-            if hit is None:
-                link, result = await chain.first_served(links, attempts.stream if request.stream else attempts.complete)
-            else:
-                link, result = primary, response_cache.replay(hit, response_id, request.stream)
-                trace.cached = True
+            link, result = await served(request, attempts, links, hit, response_id)
+            trace.cached = hit is not None
             target = link.target
             version = target.version if isinstance(target, ModelRoute) else "upstream"
             trace.served(link.served_by, version, getattr(target, "log_payloads", False), request)
             headers = {SERVED_BY_HEADER: link.served_by, **cache_headers(plan, hit)}
             keep = plan if plan is not None and hit is None and link is primary else None  # the keyed link's answer
-            if request.stream:
-                recorder = response_cache.recorder(keep, response_id) if keep is not None else None
-                events = sse_events(result, response_id, trace, recorder)
-                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-            trace.text(result)
-            if keep is not None:
-                response_cache.store(keep, result, response_id)
+            response = respond(request, response_id, trace, result, headers, keep)
         except BaseException as exc:
             trace.finish(status_of(exc))
             raise
-        trace.finish(200, result)
-        return Response(result.data, media_type="application/json", headers=headers)
+        if not request.stream:  # a stream's trace finishes with its last event (sse_events)
+            trace.finish(200, result)
+        return response
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -63,11 +63,16 @@ class StopStringBilling:
     requests with stop strings that are not sent back.
     """
 
+    @classmethod
+    def needed_for(cls, prepared: PreparedRequest, tokenizer: Any) -> StopStringBilling | None:
+        """A billing for a request with stop strings that are not sent back; None (no work per token) otherwise."""
+        params = (r.sampling_params for r in prepared.engine_requests)
+        return cls(prepared, tokenizer) if any(p.stop and not p.include_stop_str_in_output for p in params) else None
+
     def __init__(self, prepared: PreparedRequest, tokenizer: Any) -> None:
         from vllm.sampling_params import RequestOutputKind
 
         params = [r.sampling_params for r in prepared.engine_requests]
-        self.active = any(p.stop and not p.include_stop_str_in_output for p in params)
         self._delta = [p.output_kind == RequestOutputKind.DELTA for p in params]
         self._skip_special = [p.skip_special_tokens for p in params]
         self._choices: dict[tuple[int, int], Generated] = {}
@@ -105,7 +110,7 @@ class OutputTally:
         self.error: OpenAIError | None = None
         self._keep_text = prepared.route.log_payloads
         self._text: list[str] = []
-        self._stops = StopStringBilling(prepared, tokenizer)
+        self._stops = StopStringBilling.needed_for(prepared, tokenizer)
 
     def see(self, index: int, output: Any) -> None:
         for completion in output.outputs:
@@ -113,7 +118,7 @@ class OutputTally:
             self.finish_reason = completion.finish_reason or self.finish_reason
             if self._keep_text:
                 self._text.append(completion.text)
-            if self._stops.active:
+            if self._stops is not None:
                 self._stops.see(index, completion)
         seconds = getattr(output, "engine_seconds", None)
         if seconds is not None:
@@ -137,7 +142,7 @@ class OutputTally:
         return ResponseChunk(
             data,
             self.prompt_tokens,
-            self.completion_tokens - self._stops.unreceived,
+            self.completion_tokens - (self._stops.unreceived if self._stops is not None else 0),
             self.finish_reason if finished else None,
             finished,
             self.engine_seconds if finished else None,

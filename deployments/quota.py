@@ -198,11 +198,11 @@ class Quota:
     async def admit(self, tenant: str, lease: str, reserve_tokens: int = 0) -> None:
         self._ledger.admit(tenant, lease, reserve_tokens)
 
-    async def settle_all(self, settlements: list[Settlement]) -> None:
+    async def settle_all(self, settlements: list[TokenEntry]) -> None:
         for tenant, lease, tokens in settlements:
             self._ledger.settle(tenant, lease, tokens)
 
-    async def charge_all(self, charges: list[Settlement]) -> None:
+    async def charge_all(self, charges: list[TokenEntry]) -> None:
         for tenant, charge_id, tokens in charges:
             self._ledger.charge(tenant, charge_id, tokens)
 
@@ -210,7 +210,7 @@ class Quota:
         return self._ledger.snapshot()
 
 
-Settlement = tuple[str, str, int]  # tenant, lease (or charge id), tokens used
+TokenEntry = tuple[str, str, int]  # tenant, lease or charge id, tokens: one settlement or one charge
 
 
 class Quotas(Protocol):
@@ -241,11 +241,11 @@ class OrderedSender:
 
     def __init__(self, method: Any, retry_delays_s: tuple[float, ...] = SETTLE_RETRY_DELAYS_S) -> None:
         self._method = method  # a DeploymentHandle method: settle_all or charge_all
-        self._pending: deque[Settlement] = deque(maxlen=MAX_PENDING_SETTLEMENTS)  # oldest dropped past it
+        self._pending: deque[TokenEntry] = deque(maxlen=MAX_PENDING_SETTLEMENTS)  # oldest dropped past it
         self._sender: asyncio.Task | None = None
         self._retry_delays_s = retry_delays_s
 
-    def send(self, settlement: Settlement) -> None:
+    def send(self, settlement: TokenEntry) -> None:
         self._pending.append(settlement)
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send_pending())

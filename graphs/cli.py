@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import sys
@@ -174,6 +175,11 @@ def usage_report(args: argparse.Namespace) -> str:
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
 
 
+# Modules that add a subcommand: each has `add_command(commands)`, which registers a parser whose
+# defaults set `handler`, a function of the parsed args returning the exit status.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def main(argv: list[str] | None = None) -> int:
     from servegraph.models.placement import PlacementError
 
@@ -201,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     usage_command.add_argument("--application", help="only this application")
     usage_command.add_argument("--since", type=date.fromisoformat, help="first day, YYYY-MM-DD (UTC)")
     usage_command.add_argument("--until", type=date.fromisoformat, help="last day, YYYY-MM-DD (UTC)")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_command(commands)
     args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args)
     if args.command == "hash-key":
         from servegraph.deployments.auth import hash_key
 

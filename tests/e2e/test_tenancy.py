@@ -327,6 +327,13 @@ def test_admin_app_requires_an_admin_key(graph):
     assert httpx.get(f"{graph.base_url}/limits-admin/healthz", timeout=30).status_code == 200
 
 
+def test_quotas_of_an_app_without_limits_are_a_404(graph):
+    """The default app's tenants have no limits, so it runs no quota deployment to ask."""
+    response = httpx.get(f"{graph.base_url}/admin/quotas", timeout=30)
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "not_found"
+
+
 def test_keys_never_reach_the_logs(graph):
     """Last of the session: by now every tenant's key has been used, and a wrong key refused."""
     with pytest.raises(openai.AuthenticationError):
