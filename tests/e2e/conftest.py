@@ -152,6 +152,7 @@ def resilience_app(upstream_port: int) -> dict:
     - `sleepy` scales from zero with a 2 s bound on its cold start, which takes far longer.
     - `canary` has two versions (v1 on two replicas, routed by our prefix-aware router); `ext`
       is an external upstream; each falls back to the other.
+    - The response cache is on (for greedy or seeded requests): a rollout empties it.
     """
     return {
         "name": "resilience",
@@ -161,6 +162,7 @@ def resilience_app(upstream_port: int) -> dict:
             "accelerator": "cpu",
             "auth": {"enabled": False},
             "limits": {"max_prompt_tokens": PROMPT_TOKEN_CAP},
+            "response_cache": {"enabled": True},  # deterministic requests only: a rollout must empty it
             "models": [
                 {"name": "elastic", **TINY, "max_num_seqs": 2, "max_queued_requests": 8, "autoscaling": {
                     "min_replicas": 0, "max_replicas": 2, "upscale_delay_s": 0,

@@ -16,7 +16,7 @@ import httpx
 
 from servegraph.deployments.response_cache import CACHE_HEADER
 from servegraph.deployments.usage import read_usage
-from tests.e2e.conftest import ALPHA_KEY, TENANT_KEYS, poll
+from tests.e2e.conftest import ALPHA_KEY, SERVED_BY, TENANT_KEYS, poll, with_traffic
 
 INGRESS_REPLICAS = 2  # conftest's TWO_REPLICAS
 MAX_WARM_REQUESTS = 20  # new connections spread over both replicas: twenty to one replica is ~2^-19
@@ -144,3 +144,37 @@ def test_a_traffic_change_empties_the_cache_on_every_ingress_replica(graph):
         assert sum(verdict(r) == "hit" for r in after) == len(after) - INGRESS_REPLICAS
     finally:
         graph.cluster.deploy(with_limits_traffic(graph, {}))
+
+
+def rollout_post(graph, body: dict) -> httpx.Response:
+    response = httpx.post(f"{graph.base_url}/resilience/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_an_answer_cached_before_a_rollout_is_never_returned_after_it(graph):
+    """`resilience`'s `canary`: v1's cached answer, then a promotion to v2 and a rollback to v1.
+
+    Versions are in the key, so v2 cannot get v1's entry; the rollback shows the entry itself
+    went: the same key, on the same version, misses again.
+    """
+    ingress = graph.cluster.applications()["resilience"]["deployments"]["ingress"]["replicas"]
+    assert len([r for r in ingress if r["state"] == "RUNNING"]) == 1  # one cache: a miss means it was emptied
+    body = {"model": "canary", "prompt": f"rollout {uuid.uuid4().hex[:8]}", "max_tokens": 4, "temperature": 0}
+    first = rollout_post(graph, body)
+    assert (verdict(first), first.headers[SERVED_BY]) == ("miss", "canary@v1")
+    assert verdict(rollout_post(graph, body)) == "hit"
+    probe = {"model": "canary", "prompt": "which version?", "max_tokens": 1}  # sampled: never cached
+    after: dict[str, httpx.Response] = {}
+    try:
+        for weights, version in (({"v1": 0, "v2": 100}, "canary@v2"), ({"v1": 100}, "canary@v1")):
+            graph.cluster.deploy(with_traffic(graph, weights))
+            poll(lambda version=version: rollout_post(graph, probe).headers[SERVED_BY] == version, 120, version)
+            after[version] = rollout_post(graph, body)
+    finally:
+        graph.cluster.deploy(with_traffic(graph, {"v1": 100}))
+    assert {version: (verdict(r), r.headers[SERVED_BY]) for version, r in after.items()} == {
+        "canary@v2": ("miss", "canary@v2"),
+        "canary@v1": ("miss", "canary@v1"),
+    }
+    assert after["canary@v1"].json()["choices"] == first.json()["choices"]  # greedy: v1 answers the same again
