@@ -125,7 +125,9 @@ def engine_replicas(app_config: dict, spec: ModelSpec) -> int:
     """The most replicas a config lets a model's engine deployment have."""
     override = next((d for d in app_config.get("deployments", []) if d.get("name") == spec.engine_deployment_name), {})
     autoscaling = override.get("autoscaling_config") or {}
-    return int(autoscaling.get("max_replicas") or override.get("num_replicas") or spec.autoscaling.max_replicas)
+    fixed = override.get("num_replicas")
+    fixed = None if fixed == "auto" else fixed  # Serve's "auto" autoscales: the model's bounds stand
+    return int(autoscaling.get("max_replicas") or fixed or spec.autoscaling.max_replicas)
 
 
 def plan_config(config: ConfigFile, node_types) -> list[str]:
@@ -177,7 +179,7 @@ def usage_report(args: argparse.Namespace) -> str:
 
 # Modules that add a subcommand: each has `add_command(commands)`, which registers a parser whose
 # defaults set `handler`, a function of the parsed args returning the exit status.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("servegraph.graphs.k8s",)
 
 
 def main(argv: list[str] | None = None) -> int:
