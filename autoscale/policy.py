@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
+from servegraph.autoscale.engine_policy import EngineSignalsSettings
 from servegraph.models.spec import ModelSpec
 
 
@@ -70,8 +71,46 @@ def engine_scaling(spec: ModelSpec) -> StageScaling:
     )
 
 
+ENGINE_SIGNALS_POLICY = "servegraph.autoscale.serve_policy:EngineSignalsAutoscaler"
+
+
+def engine_signals_settings(spec: ModelSpec) -> EngineSignalsSettings:
+    """The engine-signals policy's knobs for a model whose `autoscaling.policy` is set."""
+    bounds, policy = spec.autoscaling, spec.autoscaling.policy
+    assert policy is not None
+    return EngineSignalsSettings(
+        max_num_seqs=spec.max_num_seqs,
+        ttft_slo_s=policy.ttft_slo_s,
+        batch_fill=policy.batch_fill,
+        kv_cache_target=policy.kv_cache_target,
+        downscale_below=policy.downscale_below,
+        upscale_delay_s=bounds.upscale_delay_s,
+        downscale_delay_s=bounds.downscale_delay_s,
+        downscale_to_zero_delay_s=bounds.downscale_to_zero_delay_s,
+    )
+
+
 def engine_autoscaling(spec: ModelSpec) -> dict[str, Any]:
-    return engine_scaling(spec).serve_config()
+    """Serve's autoscaling_config of a model's engine: Serve's default policy, or ours when the model names it.
+
+    With ours, Serve's own delays are 0: the policy applies the model's delays itself (the same
+    rules), so the simulator, which runs the policy without Serve, sees the same cool-downs.
+    Replicas then report every `metrics_interval_s` (Serve's deprecated field, still the replicas'
+    push period) over a shorter window than Serve's default, so the policy sees a burst in seconds.
+    """
+    config = engine_scaling(spec).serve_config()
+    policy = spec.autoscaling.policy
+    if policy is None:
+        return config
+    return {
+        **config,
+        "upscale_delay_s": 0,
+        "downscale_delay_s": 0,
+        "downscale_to_zero_delay_s": 0,
+        "look_back_period_s": policy.look_back_period_s,
+        "metrics_interval_s": policy.metrics_interval_s,
+        "policy": {"policy_function": ENGINE_SIGNALS_POLICY, "policy_kwargs": asdict(engine_signals_settings(spec))},
+    }
 
 
 def replicas_for_load(scaling: StageScaling, ongoing_requests: float) -> int:

@@ -30,9 +30,13 @@ def model_spec(config: dict[str, Any], model: str) -> ModelSpec:
 
 
 def single_model_config(config: dict[str, Any], model: str) -> dict[str, Any]:
-    """The config's LLM app serving only `model`, and no other application."""
+    """The config's LLM app serving only `model`, and no other application.
+
+    Without LoRA adapters: the peers serve the base model alone, and vLLM's LoRA kernels run for
+    every token once enable_lora is on (bench/lora.py measures adapters).
+    """
     app = llm_app(config)
-    models = [m for m in app["args"]["models"] if m["name"] == model]
+    models = [{k: v for k, v in m.items() if k != "lora"} for m in app["args"]["models"] if m["name"] == model]
     engines = {ModelSpec.model_validate(m).engine_deployment_name for m in models}
     deployments = [d for d in app.get("deployments", []) if not d["name"].startswith("engine-") or d["name"] in engines]
     return {**config, "applications": [{**app, "args": {**app["args"], "models": models}, "deployments": deployments}]}

@@ -8,10 +8,12 @@ prompts arrive as token ids from the tokenizer stage.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,26 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from servegraph.deployments.errors import BadRequestError, EngineCrashedError, EngineUnavailableError
-from servegraph.deployments.messages import EngineRequest
+from servegraph.deployments.errors import (
+    BadRequestError,
+    EngineCrashedError,
+    EngineUnavailableError,
+    ModelNotFoundError,
+    OpenAIError,
+)
+from servegraph.deployments.messages import EngineRequest, LoraAdapter
 from servegraph.deployments.quota import OrderedSender
 from servegraph.deployments.stage_process import drop_serve_access_lines
 from servegraph.models import cpu_amx
-from servegraph.models.build import resolve_model_source
-from servegraph.models.engine_config import cpu_kv_cache_bytes, cpu_threads_bind, engine_kwargs, kv_cache_bytes
+from servegraph.models.build import resolve_adapter_source, resolve_model_source
+from servegraph.models.engine_config import (
+    cpu_kv_cache_bytes,
+    cpu_threads_bind,
+    engine_kwargs,
+    kv_cache_bytes,
+    lora_adapters_per_replica,
+)
+from servegraph.models.scaling_policy import EngineLoad
 from servegraph.models.spec import ModelSpec
 
 logger = logging.getLogger("ray.serve.servegraph.engine")
@@ -51,6 +66,91 @@ def _cpu_kv_cache_budget(model_source: str, spec: ModelSpec) -> int:
     return cpu_kv_cache_bytes(kv_cache_bytes(spec, config.num_hidden_layers, config.num_key_value_heads, head_dim))
 
 
+# vLLM wraps a worker's failure to load an adapter as "... Worker failed with error '<reason>', please check ..."
+WORKER_ERROR = re.compile(r"failed with error '(?P<reason>.*)', please check", re.DOTALL)
+
+
+def adapter_load_error(adapter: LoraAdapter, exc: BaseException) -> OpenAIError:
+    """vLLM's refusal of an adapter as the client's error: 404 when its files are not there, else 400
+    (broken weights, a rank above max_lora_rank, modules the model lacks)."""
+    match = WORKER_ERROR.search(str(exc))
+    reason = match.group("reason") if match else str(exc)
+    if "No adapter found" in reason or isinstance(exc, FileNotFoundError):
+        message = f"The LoRA adapter `{adapter.name}` was not found: {reason}"
+        return ModelNotFoundError(message, param="model", code="adapter_not_found")
+    message = f"The LoRA adapter `{adapter.name}` could not be loaded: {reason}"
+    return BadRequestError(message, param="model", code="adapter_load_failed")
+
+
+class LoadedAdapter:
+    """What Serve's multiplexing keeps per loaded adapter: vLLM's LoRARequest. Serve calls the
+    instance's `__del__` (an async unload) when it evicts the adapter; the class has none, so
+    garbage collection never does."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+
+
+class EngineAdapters:
+    """The LoRA adapters of one engine replica, loaded on demand through Serve model multiplexing.
+
+    Serve's wrapper keeps the adapters in an LRU (engine_config.lora_adapters_per_replica), reports them to the
+    routers (so requests for an adapter prefer replicas holding it) and evicts the least recently
+    used, which this removes from vLLM too. Loading is an explicit `add_lora` before any request
+    uses the adapter: vLLM refuses a bad adapter there with an error, whereas a bad LoRARequest
+    inside a batch kills the engine.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        spec: ModelSpec,
+        cache_dir: Path | None,
+        per_replica: int,
+        multiplexed: Callable[..., Any] = serve.multiplexed,
+        lora_request_type: type | None = None,  # vLLM's LoRARequest unless given (tests)
+    ) -> None:
+        self._engine = engine
+        self._spec = spec
+        self._cache_dir = cache_dir
+        self._lora_request_type = lora_request_type
+        # multiplexed id -> adapter, for the loader (Serve passes it the id only). Never pruned: a request
+        # may be waiting to load an entry while another is evicted; it holds a few small entries per adapter.
+        self._wanted: dict[str, LoraAdapter] = {}
+
+        async def load(multiplexed_id: str) -> LoadedAdapter:
+            return await self._load(multiplexed_id)
+
+        self._multiplexed_load = multiplexed(max_num_models_per_replica=per_replica)(load)
+
+    async def lora_request(self, adapter: LoraAdapter) -> Any:
+        """vLLM's LoRARequest for the adapter, loaded into this replica's engine if it was not."""
+        self._wanted[adapter.multiplexed_id] = adapter
+        return (await self._multiplexed_load(adapter.multiplexed_id)).request
+
+    async def _load(self, multiplexed_id: str) -> LoadedAdapter:
+        if self._lora_request_type is None:
+            from vllm.lora.request import LoRARequest
+
+            self._lora_request_type = LoRARequest
+        adapter = self._wanted[multiplexed_id]
+        try:
+            path = await asyncio.to_thread(resolve_adapter_source, self._spec, adapter.source, self._cache_dir)
+            request = self._lora_request_type(adapter.name, adapter.lora_id, path)
+            await self._engine.add_lora(request)
+        except Exception as exc:  # vLLM's worker refused it; the engine itself is fine
+            logger.warning("LoRA adapter %s failed to load: %s", adapter.name, exc)
+            raise adapter_load_error(adapter, exc) from None
+        logger.info("LoRA adapter %s loaded (id %d, %s)", adapter.name, adapter.lora_id, path)
+        loaded = LoadedAdapter(request)
+        loaded.__del__ = functools.partial(self._unload, multiplexed_id, adapter.lora_id)
+        return loaded
+
+    async def _unload(self, multiplexed_id: str, lora_id: int) -> None:
+        await self._engine.remove_lora(lora_id)
+        logger.info("LoRA adapter %s unloaded", multiplexed_id)
+
+
 @serve.deployment  # options: graphs/builder.py and models/placement.py
 class Engine:
     def __init__(self, spec: ModelSpec, cache_dir: str | None = None, quota: DeploymentHandle | None = None) -> None:
@@ -74,12 +174,19 @@ class Engine:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
         drop_serve_access_lines()
         self._spec = spec
+        self._signals = EngineLoad()  # vLLM's queue, KV cache and TTFT, for autoscaling
         self._engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs(**kwargs),
-            stat_loggers=[RayPrometheusStatLogger],  # vllm:* queue, running, KV cache series
+            stat_loggers=[RayPrometheusStatLogger, self._signals.stat_logger],  # vllm:* series; autoscaling signals
         )
         self._counters = EngineCounters()
         self._charges = OrderedSender(quota.charge_all) if quota is not None else None
+        cache = Path(cache_dir) if cache_dir else None
+        self._adapters = (
+            EngineAdapters(self._engine, spec, cache, lora_adapters_per_replica(spec, on_cpu))
+            if spec.lora is not None
+            else None
+        )
 
     async def generate(self, requests: list[EngineRequest]) -> AsyncIterator[tuple[int, Any]]:
         """(prompt index, vLLM RequestOutput) for every prompt of one client request, as they come.
@@ -94,8 +201,9 @@ class Engine:
 
         if self._engine.errored:  # dead before this request: another replica may serve it
             raise EngineUnavailableError("This engine replica has failed and is being replaced. Retry the request.")
+        lora = await self._lora_request(requests[0].lora)  # one client request: one model or adapter
         try:
-            async for indexed in merge_async_iterators(*(self._outputs(request) for request in requests)):
+            async for indexed in merge_async_iterators(*(self._outputs(request, lora) for request in requests)):
                 yield indexed
         except EngineDeadError:
             self._counters.crashed += 1
@@ -108,7 +216,23 @@ class Engine:
         except VLLMClientError as exc:  # vLLM's own validation: the client's mistake, never the model's
             raise BadRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
 
-    async def _outputs(self, request: EngineRequest) -> AsyncIterator[Any]:
+    async def _lora_request(self, adapter: LoraAdapter | None) -> Any:
+        if adapter is None:
+            return None
+        if self._adapters is None:
+            raise BadRequestError(f"Model `{self._spec.name}` serves no LoRA adapters.", param="model")
+        return await self._adapters.lora_request(adapter)
+
+    async def load_adapter(self, adapter: LoraAdapter) -> dict[str, Any]:
+        """Loads the adapter on this replica (the admin API's check before it registers one); 404/400 if it cannot."""
+        await self._lora_request(adapter)
+        return {
+            "adapter": adapter.name,
+            "lora_id": adapter.lora_id,
+            "replica": serve.get_replica_context().replica_id.unique_id,
+        }
+
+    async def _outputs(self, request: EngineRequest, lora: Any = None) -> AsyncIterator[Any]:
         """One prompt's outputs. Only the first carries the prompt's token ids and logprobs (when
         there is one sample: later messages stay small); the last carries the time in this engine.
 
@@ -127,6 +251,7 @@ class Engine:
             priority=request.priority,
             reasoning_ended=request.reasoning_ended,
             reasoning_parser_kwargs=request.reasoning_parser_kwargs,
+            lora_request=lora,
         )
         first, finished = True, False
         try:
@@ -176,6 +301,10 @@ class Engine:
         if generated:  # the prompt was computed too, and the ingress, which got no output, billed none of it
             self._counters.generated_tokens += generated
             self._charges.send((request.charge_to, request.request_id, len(request.prompt_token_ids) + generated))
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics (every few seconds): what the engine-signals policy reads."""
+        return self._signals.report(self._engine.get_num_unfinished_requests())
 
     def stats(self) -> dict[str, int]:
         return {**asdict(self._counters), "unfinished": self._engine.get_num_unfinished_requests()}

@@ -16,7 +16,7 @@ from servegraph.deployments.errors import RequestTimeoutError
 from servegraph.deployments.http_stream import open_stream
 from servegraph.deployments.messages import GenerationCall, ModelRoute, ResponseChunk
 from servegraph.deployments.protocol import ClientRequest, ModelList
-from servegraph.deployments.router import Link, ModelRegistry, TrafficWeights
+from servegraph.deployments.router import Link, ModelRegistry, RegistryCopy, TrafficWeights
 from servegraph.deployments.streaming import Deadline, until_finished
 from servegraph.deployments.upstream import UpstreamClient
 from servegraph.models.spec import UpstreamSpec
@@ -28,6 +28,7 @@ class GraphStages(Protocol):
     async def chain(self, model: str, session_key: str | None) -> list[Link]: ...
     def stream(self, call: GenerationCall) -> AsyncIterator[ResponseChunk]: ...
     async def complete(self, call: GenerationCall) -> ResponseChunk: ...
+    async def embed(self, call: GenerationCall) -> ResponseChunk: ...
     def upstream(self, upstream: UpstreamSpec) -> UpstreamClient: ...
     async def model_list(self) -> ModelList: ...
     async def tokenizer_call(self, method: str, route: ModelRoute, body: dict[str, Any]) -> dict[str, Any]: ...
@@ -43,8 +44,7 @@ class HandleStages:
 
     def __init__(self, router: DeploymentHandle, tokenizer: DeploymentHandle, postprocess: DeploymentHandle):
         self._router = router
-        self._registry: ModelRegistry | None = None
-        self._traffic: TrafficWeights = {}
+        self._registry = RegistryCopy(lambda revision: router.registry_if_changed.remote(revision))
         self._tokenizer = tokenizer
         self._postprocess = postprocess
         self._postprocess_stream = postprocess.options(stream=True)
@@ -52,19 +52,15 @@ class HandleStages:
         self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
 
     async def registry(self) -> ModelRegistry:
-        if self._registry is None:
-            registry = await self._router.registry.remote()
-            registry.set_traffic(self._traffic)
-            self._registry = registry
-        return self._registry
+        return await self._registry.get()
 
     async def set_traffic(self, traffic: TrafficWeights) -> None:
         """New version weights; ValueError (and no change) if they name versions the graph lacks."""
-        (await self.registry()).set_traffic(traffic)
-        self._traffic = traffic
+        await self._registry.set_traffic(traffic)
 
     async def chain(self, model: str, session_key: str | None) -> list[Link]:
-        return (await self.registry()).chain(model, session_key)
+        """The model's chain; a name the copy does not know (an adapter added since) refreshes it first."""
+        return await self._registry.chain(model, session_key)
 
     def _prepared(self, call: GenerationCall):
         """The tokenizer stage's PreparedRequest, still in Ray's object store: postprocess takes it from there.
@@ -83,6 +79,13 @@ class HandleStages:
 
     async def complete(self, call: GenerationCall) -> ResponseChunk:
         return await self._postprocess.complete.remote(self._prepared(call))
+
+    async def embed(self, call: GenerationCall) -> ResponseChunk:
+        """An embeddings request: the tokenizer's PreparedEmbedding (sealed) goes to postprocess as `prepare`'s does."""
+        prepared = self._tokenizer.prepare_embedding.remote(
+            call.route, call.request, call.request_id, call.priority, call.model_name, call.charge_to
+        )
+        return await self._postprocess.embed.remote(prepared)
 
     def upstream(self, upstream: UpstreamSpec) -> UpstreamClient:
         if upstream.name not in self._upstreams:
@@ -148,6 +151,10 @@ class LinkAttempts:
         else:
             chunks = self._stages.stream(self._call(link))
         return await open_stream(chunks, self._deadline)
+
+    async def embed(self, link: Link) -> ResponseChunk:
+        """Local models only: upstreams are called for generation alone (the ingress leaves them out)."""
+        return await self._deadline.run(self._stages.embed(self._call(link)))
 
     async def complete(self, link: Link) -> ResponseChunk:
         if isinstance(link.target, UpstreamSpec):

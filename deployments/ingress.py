@@ -16,6 +16,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import date
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from servegraph.deployments.admission import allowed_links, reservation, take_lease
-from servegraph.deployments.api_docs import MODEL_STATUSES, error_responses, generation_responses, install_docs
+from servegraph.deployments.api_docs import (
+    GENERATION_STATUSES,
+    MODEL_STATUSES,
+    error_responses,
+    generation_responses,
+    install_docs,
+)
 from servegraph.deployments.auth import Tenant, model_not_allowed, require_admin
+from servegraph.deployments.batch_api import BatchCalls, HandleBatchCalls, batch_router
 from servegraph.deployments.errors import BadRequestError, OpenAIError, model_not_found
 from servegraph.deployments.fallback import FallbackChain, load_fallback_policy
 from servegraph.deployments.front_door import TENANT_STATE, FrontDoor, TenantDirectory, tenant_of
@@ -36,7 +44,7 @@ from servegraph.deployments.http_stream import sse_events
 from servegraph.deployments.messages import ModelRoute
 from servegraph.deployments.protocol import ClientRequest, ModelCard, ModelList, RequestKind, model_of, new_id
 from servegraph.deployments.quota import HandleQuotas, Quotas
-from servegraph.deployments.request_limits import check_limits
+from servegraph.deployments.request_limits import check_limits, over, reserved_tokens
 from servegraph.deployments.response_cache import CachedResponse, CachePlan, IngressResponseCache
 from servegraph.deployments.router import Link, TrafficWeights
 from servegraph.deployments.streaming import Deadline
@@ -69,6 +77,24 @@ def session_key_of(http_request: Request, request: ClientRequest) -> str | None:
     return request.user or http_request.headers.get(SESSION_HEADER)
 
 
+def local_links(model: str, links: list[Link]) -> list[Link]:
+    """The chain's local models: upstreams are called for generation only."""
+    if not isinstance(links[0].target, ModelRoute):
+        raise BadRequestError(f"`{model}` is an external upstream: it serves no embeddings here.", param="model")
+    return [link for link in links if isinstance(link.target, ModelRoute)]
+
+
+def check_input_count(body: dict[str, Any], limits: RequestLimits) -> None:
+    """An embeddings request's inputs (a list of strings or of token-id lists), held to `max_prompts`."""
+    inputs = body.get("input")
+    if isinstance(inputs, list) and inputs and isinstance(inputs[0], str | list) and len(inputs) > limits.max_prompts:
+        raise over("input", "inputs", len(inputs), limits.max_prompts)
+
+
+EMBEDDING_RESPONSES = {200: {"description": "The embeddings.", "content": {"application/json": {}}},
+                       **error_responses(*GENERATION_STATUSES)}  # fmt: skip
+
+
 def build_openai_app(
     stages: GraphStages,
     application: str = "llm",
@@ -79,6 +105,8 @@ def build_openai_app(
     usage_dir: Path | None = None,
     limits: RequestLimits | None = None,
     response_cache: IngressResponseCache | None = None,
+    batches: BatchCalls | None = None,
+    max_file_bytes: int = 200 << 20,
 ) -> FastAPI:
     """The OpenAI API over stages; observe gets one RequestRecord per finished request.
 
@@ -178,6 +206,31 @@ def build_openai_app(
             trace.finish(200, result)
         return response
 
+    async def embed(http_request: Request, request: ClientRequest, tenant: Tenant) -> Response:
+        """An embeddings request on the model's chain (local models only): no stream, no response cache.
+        The quota reserves the inputs' tokens (estimated from their text) and settles the exact count."""
+        trace = RequestTrace(
+            observe, request_id_of(http_request), application, request.model, False, tenant=tenant.name
+        )
+        response_id = new_id("embd")
+        try:
+            chain_links = await stages.chain(request.model, session_key_of(http_request, request))
+            links = local_links(request.model, allowed_links(tenant, request.model, chain_links))
+            primary = links[0]
+            reserve = partial(reserved_tokens, request.body, 0)  # the inputs only: nothing is generated
+            charge_to = await take_lease(quotas, tenant, response_id, trace, reserve)
+            deadline = Deadline(link_timeout(primary), lambda: timeout_error(primary.model, link_timeout(primary)))
+            priority = tenant.priority.engine_priority
+            attempts = LinkAttempts(stages, request, response_id, deadline, priority, primary, charge_to)
+            link, result = await chain.first_served(links, attempts.embed)
+            trace.served(link.served_by, link.target.version, link.target.log_payloads, request)
+            response = Response(result.data, media_type="application/json", headers={SERVED_BY_HEADER: link.served_by})
+        except BaseException as exc:
+            trace.finish(status_of(exc))
+            raise
+        trace.finish(200, result)
+        return response
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -240,6 +293,8 @@ def build_openai_app(
         try:
             body = await json_object(http_request)
             check_limits(body, limits)
+            if kind == "embedding":
+                check_input_count(body, limits)
             return ClientRequest.of(kind, body)
         except OpenAIError as error:
             trace = RequestTrace(
@@ -266,6 +321,14 @@ def build_openai_app(
         request = await client_request(http_request, "chat", tenant)
         return await generate(http_request, request, "chatcmpl", tenant)
 
+    @app.post("/v1/embeddings", response_model=None, responses=EMBEDDING_RESPONSES)
+    async def embeddings(http_request: Request, tenant: Tenant = Depends(tenant_of)):
+        """vLLM's embeddings request (text, token ids, lists of them), for models with `task: embed`."""
+        request = await client_request(http_request, "embedding", tenant)
+        return await embed(http_request, request, tenant)
+
+    if batches is not None:  # /v1/files and /v1/batches, served by the BatchRunner replica
+        app.include_router(batch_router(batches, max_file_bytes))
     return app
 
 
@@ -281,6 +344,7 @@ class Ingress:
         postprocess: DeploymentHandle,
         args: LLMAppArgs,
         quota: DeploymentHandle | None = None,
+        batch_runner: DeploymentHandle | None = None,
     ):
         self._stages = HandleStages(router, tokenizer, postprocess)
         labels = MetricLabels.of(served_names(args), args.auth)
@@ -299,6 +363,8 @@ class Ingress:
         self._limits = args.limits
         self._fallbacks = FallbackChain(policy=load_fallback_policy(args.fallback_policy))
         self._usage = UsageLog(args.usage, serve.get_replica_context().replica_id.unique_id)
+        self._batches = HandleBatchCalls(batch_runner) if batch_runner is not None else None
+        self._max_file_bytes = args.batch.max_file_bytes
 
     def _observe(self, record: RequestRecord) -> None:
         self._usage.write(UsageRecord.of(record))
@@ -325,6 +391,8 @@ class Ingress:
             usage_dir=self._usage.directory,
             limits=self._limits,
             response_cache=self._response_cache,
+            batches=self._batches,
+            max_file_bytes=self._max_file_bytes,
         )
 
     def __del__(self) -> None:

@@ -6,6 +6,31 @@ import pickle
 from dataclasses import dataclass
 from typing import Any
 
+from servegraph.models.spec import LoraAdapterSpec
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA adapter as the router registered it: what an engine needs to load and name it.
+
+    lora_id is vLLM's lora_int_id, the key of its adapter cache: the router never gives two
+    adapters (or an adapter re-added with other weights) the same one. The source is resolved
+    to a directory on the engine's node (a built adapter is built there on first use).
+    """
+
+    source: LoraAdapterSpec
+    lora_id: int
+    base_model: str
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def multiplexed_id(self) -> str:
+        """Serve's multiplexed model id: a re-added adapter (new lora_id) is a new model to Serve's routing."""
+        return f"{self.name}#{self.lora_id}"
+
 
 @dataclass(frozen=True)
 class ModelRoute:
@@ -18,6 +43,12 @@ class ModelRoute:
     log_payloads: bool = False
     timeout_s: float | None = None
     cold_start_timeout_s: float | None = None  # set when the engine may have scaled to zero
+    adapter: LoraAdapter | None = None  # a LoRA adapter's route: `model` is the adapter, served on its base's engine
+
+    @property
+    def base_model(self) -> str:
+        """The model whose spec (and engine) serves the route."""
+        return self.adapter.base_model if self.adapter is not None else self.model
 
     @property
     def served_by(self) -> str:
@@ -70,6 +101,7 @@ class EngineRequest:
     reasoning_ended: bool | None = None
     reasoning_parser_kwargs: dict[str, Any] | None = None
     charge_to: str | None = None  # the limited tenant the engine charges if the request is abandoned
+    lora: LoraAdapter | None = None  # served with this adapter (vLLM's LoRARequest)
 
 
 @dataclass(frozen=True)

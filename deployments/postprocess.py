@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from servegraph.deployments.embedder import Embeddings, PreparedEmbedding, embedding_serving
 from servegraph.deployments.errors import ModelStartingError, OpenAIError, as_openai_error, from_vllm_error
 from servegraph.deployments.frontend import Frontend, build_frontend
 from servegraph.deployments.messages import ModelRoute, PreparedRequest, ResponseChunk, Sealed
@@ -181,13 +182,7 @@ class ResponseShaper:
     async def _first_output(self, prepared: PreparedRequest, outputs: AsyncIterator[Indexed]) -> Indexed:
         """Awaited before anything is sent on: overload, a dead replica or a cold start still fail
         as errors the ingress answers with a status or a fallback."""
-        route = prepared.route
-        try:
-            if route.cold_start_timeout_s is None:
-                return await anext(outputs)
-            return await Deadline(route.cold_start_timeout_s, lambda: model_starting(route)).run(anext(outputs))
-        except BackPressureError as exc:  # the engine's queue is full: an OpenAI 503 crosses Ray intact
-            raise as_openai_error(exc) from None
+        return await engine_answer(prepared.route, anext(outputs))
 
     async def stream(self, prepared: PreparedRequest, rest: AsyncIterator[Indexed]) -> AsyncIterator[ResponseChunk]:
         """SSE events as vLLM's server streams them, from the engine's (prompt index, output) stream."""
@@ -297,6 +292,40 @@ class ResponseShaper:
                 self._metadata(prepared))  # fmt: skip
 
 
+async def engine_answer(route: ModelRoute, answer: Awaitable[Any]) -> Any:
+    """The engine's (first) answer; a full queue or a cold start past the model's bound fail as errors
+    the ingress answers with a status or a fallback."""
+    try:
+        if route.cold_start_timeout_s is None:
+            return await answer
+        return await Deadline(route.cold_start_timeout_s, lambda: model_starting(route)).run(answer)
+    except BackPressureError as exc:  # the engine's queue is full: an OpenAI 503 crosses Ray intact
+        raise as_openai_error(exc) from None
+
+
+class EmbeddingShaper:
+    """An embedding model's vLLM serving class: the engine's PoolingRequestOutputs as vLLM's embeddings
+    response (`encoding_format` float or base64, `usage`)."""
+
+    def __init__(self, frontend: Frontend) -> None:
+        self._serving = embedding_serving(frontend)
+
+    async def complete(self, prepared: PreparedEmbedding, embeddings: Awaitable[Embeddings]) -> ResponseChunk:
+        result: Embeddings = await engine_answer(prepared.route, embeddings)
+        response = self._serving._openai_json_response(
+            result.outputs, prepared.response_id, int(time.time()), prepared.model_name,
+            prepared.encoding_format, prepared.embed_dtype, prepared.endianness,
+        )  # fmt: skip
+        prompt_tokens = sum(len(output.prompt_token_ids) for output in result.outputs)
+        return ResponseChunk(
+            response.body.decode(), prompt_tokens, 0, finished=True, engine_seconds=result.engine_seconds
+        )
+
+
+def shaper_for(spec: ModelSpec, frontend: Frontend) -> ResponseShaper | EmbeddingShaper:
+    return EmbeddingShaper(frontend) if spec.task == "embed" else ResponseShaper(frontend)
+
+
 def model_starting(route: ModelRoute) -> ModelStartingError:
     limit = route.cold_start_timeout_s or 0
     return ModelStartingError(
@@ -313,11 +342,26 @@ class Postprocess:
     def __init__(self, specs: list[ModelSpec], engines: dict[str, DeploymentHandle], cache_dir: str | None = None):
         drop_serve_access_lines()
         cache = Path(cache_dir) if cache_dir else None
-        self._shapers = {spec.engine_deployment_name: ResponseShaper(build_frontend(spec, cache)) for spec in specs}
+        self._shapers = {spec.engine_deployment_name: shaper_for(spec, build_frontend(spec, cache)) for spec in specs}
         self._engines = {name: handle.options(stream=True) for name, handle in engines.items()}
+        self._embedders = engines  # embedding models' engines answer once: no stream
+        self._adapter_engines: dict[tuple[str, str], DeploymentHandle] = {}
 
     def _outputs(self, prepared: PreparedRequest):
-        return self._engines[prepared.route.engine].generate.remote(prepared.engine_requests)
+        route = prepared.route
+        engine = self._engines[route.engine] if route.adapter is None else self._adapter_engine(route)
+        return engine.generate.remote(prepared.engine_requests)
+
+    def _adapter_engine(self, route: ModelRoute) -> DeploymentHandle:
+        """The engine's handle for a LoRA adapter, as Serve model multiplexing: routed to a replica
+        that has the adapter loaded when one can take it, else to one that loads it (engine.py)."""
+        assert route.adapter is not None
+        key = (route.engine, route.adapter.multiplexed_id)
+        handle = self._adapter_engines.get(key)
+        if handle is None:
+            handle = self._engines[route.engine].options(multiplexed_model_id=route.adapter.multiplexed_id)
+            self._adapter_engines[key] = handle
+        return handle
 
     async def stream(self, sealed: Sealed) -> AsyncIterator[ResponseChunk]:
         prepared: PreparedRequest = sealed.open()
@@ -338,4 +382,15 @@ class Postprocess:
             return await self._shapers[prepared.route.engine].complete(prepared, outputs)
         except BaseException:
             outputs.cancel()
+            raise
+
+    async def embed(self, sealed: Sealed) -> ResponseChunk:
+        """An embeddings request (PreparedEmbedding): one engine call for every input, one JSON body."""
+        prepared: PreparedEmbedding = sealed.open()
+        engine = prepared.route.engine
+        embeddings = self._embedders[engine].embed.remote(prepared.engine_requests, prepared.charge_to)
+        try:
+            return await self._shapers[engine].complete(prepared, embeddings)
+        except BaseException:
+            embeddings.cancel()
             raise

@@ -66,6 +66,8 @@ class PrefixAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         fallback = await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
+        if pending_request is not None and pending_request.metadata.multiplexed_model_id:
+            return fallback  # a LoRA adapter: Serve's multiplexed choice; vLLM keys its prefix cache per adapter
         hashes = self._request_hashes(pending_request)
         if not hashes or not fallback:
             return fallback

@@ -97,7 +97,27 @@ def responses_request(body: dict[str, Any]):
     return parse_vllm(ResponsesRequest, body)
 
 
-RequestKind = Literal["completion", "chat", "responses"]
+def embedding_request(body: dict[str, Any]):
+    """vLLM's embeddings request model for the body's shape, as its EmbeddingRequest union tells them
+    apart: `input` as text or token ids (one or a list), or chat conversations in `messages` or `input`."""
+    from vllm.entrypoints.pooling.embed import protocol
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        protocol.reject_removed_pooling_parameters(body)
+    except VLLMValidationError as exc:
+        raise as_bad_request(exc) from None
+    conversations = body.get("messages", body.get("input"))
+    if protocol._is_batched_chat_messages(conversations):
+        model = protocol.EmbeddingBatchChatRequest if "messages" in body else protocol.EmbeddingBatchChatInputRequest
+    elif "messages" in body or protocol._is_chat_messages(conversations):
+        model = protocol.EmbeddingChatRequest if "messages" in body else protocol.EmbeddingChatInputRequest
+    else:
+        model = protocol.EmbeddingCompletionRequest
+    return parse_vllm(model, body)
+
+
+RequestKind = Literal["completion", "chat", "responses", "embedding"]
 
 
 def request_kind(request: Any) -> RequestKind:
@@ -107,7 +127,8 @@ def request_kind(request: Any) -> RequestKind:
     return "responses" if hasattr(request, "max_output_tokens") else "completion"
 
 
-PARSERS = {"completion": completion_request, "chat": chat_completion_request, "responses": responses_request}
+PARSERS = {"completion": completion_request, "chat": chat_completion_request, "responses": responses_request,
+           "embedding": embedding_request}  # fmt: skip
 
 
 def model_of(body: dict[str, Any]) -> str:
@@ -166,6 +187,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "servegraph"
     root: str
+    parent: str | None = None  # a LoRA adapter's base model, as vLLM lists adapters
     max_model_len: int | None
     versions: list[str]
 
@@ -193,6 +215,7 @@ REQUEST_BODY_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "/v1/completions": ("vllm.entrypoints.openai.completion.protocol", ("CompletionRequest",)),
     "/v1/chat/completions": ("vllm.entrypoints.openai.chat_completion.protocol", ("ChatCompletionRequest",)),
     "/v1/responses": ("vllm.entrypoints.openai.responses.protocol", ("ResponsesRequest",)),
+    "/v1/embeddings": ("vllm.entrypoints.pooling.embed.protocol", ("EmbeddingCompletionRequest",)),
     "/tokenize": ("vllm.entrypoints.serve.tokenize.protocol", ("TokenizeCompletionRequest", "TokenizeChatRequest")),
     "/detokenize": ("vllm.entrypoints.serve.tokenize.protocol", ("DetokenizeRequest",)),
 }

@@ -13,6 +13,7 @@ from typing import Any
 
 from ray import serve
 
+from servegraph.deployments.embedder import EmbedRequest, PreparedEmbedding, embedding_serving
 from servegraph.deployments.errors import BadRequestError, ContextLengthExceededError, from_vllm_error
 from servegraph.deployments.frontend import Frontend, build_frontend
 from servegraph.deployments.messages import EngineRequest, ModelRoute, PreparedRequest, Sealed
@@ -76,8 +77,8 @@ class PromptTokenizer:
             if isinstance(error, ContextLengthExceededError):
                 error.param = param
             raise error from None
-        if charge_to is not None:
-            engine_requests = [replace(r, charge_to=charge_to) for r in prepared.engine_requests]
+        if charge_to is not None or route.adapter is not None:  # the engine serves the route's LoRA adapter
+            engine_requests = [replace(r, charge_to=charge_to, lora=route.adapter) for r in prepared.engine_requests]
             prepared = replace(prepared, engine_requests=engine_requests)
         return replace(prepared, model_name=model_name or request.model)
 
@@ -313,6 +314,95 @@ class PromptTokenizer:
         return DetokenizeResponse(prompt=self.tokenizer.decode(token_ids)).model_dump()
 
 
+API_NAMES = {"chat": "Chat Completions", "completion": "Completions", "responses": "Responses"}
+EMBEDDING_ENCODINGS = ("float", "base64")  # vLLM's bytes formats answer raw bytes, not the JSON this graph relays
+
+
+def not_supported(model: str, api: str) -> BadRequestError:
+    """vLLM's answer to an endpoint the model's runner does not serve ("The model does not support ...")."""
+    return BadRequestError(f"The model `{model}` does not support the {api} API.", param="model")
+
+
+class EmbeddingTokenizer(PromptTokenizer):
+    """An embedding model's requests: vLLM's embedding request models, rendered by vLLM's pooling IO
+    processor into one engine request (token ids, PoolingParams) per input.
+
+    /tokenize and /detokenize work as for any model; the generation endpoints are a 400, as
+    `vllm serve` of a pooling model answers them.
+    """
+
+    def __init__(self, spec: ModelSpec, frontend: Frontend, max_prompt_tokens: int | None = None) -> None:
+        super().__init__(spec, frontend, max_prompt_tokens)
+        self._serving = embedding_serving(frontend)
+
+    async def prepare(self, route: ModelRoute, client_request: ClientRequest, *args: Any, **kwargs: Any):
+        raise not_supported(route.model, API_NAMES[client_request.kind])
+
+    async def prepare_embedding(
+        self,
+        route: ModelRoute,
+        client_request: ClientRequest,
+        request_id: str,
+        priority: int = 0,
+        model_name: str | None = None,
+        charge_to: str | None = None,
+    ) -> PreparedEmbedding:
+        """The body parsed by vLLM's embedding request model and rendered as vLLM's embeddings server
+        does: string, strings, token ids or lists of them (or chat messages, through the model's
+        template); `dimensions` and the rest checked by vLLM's PoolingParams, each refusal a 400."""
+        from vllm.exceptions import VLLMClientError
+
+        request = client_request.parsed()
+        if request.encoding_format not in EMBEDDING_ENCODINGS:
+            raise BadRequestError(
+                f"encoding_format {request.encoding_format!r} is not supported here; use 'float' or 'base64'.",
+                param="encoding_format",
+            )
+        request.model = route.model  # vLLM's registry knows the model by its own name (not a fallback's)
+        self._apply_embedding_truncation(request)
+        serving = self._serving
+        try:
+            ctx = await serving._init_ctx(serving.io_processor, request)
+            await serving._preprocessing(serving.io_processor, ctx)
+        except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's own validation of the request
+            error = as_bad_request(exc, param_named_by(exc, request) or "input")
+            if isinstance(error, ContextLengthExceededError):
+                error.param = "input"
+            raise error from None
+        try:
+            ctx.pooling_params.verify(self.frontend.model_config)  # as vLLM's server does before its engine call
+        except (ValueError, VLLMClientError) as exc:  # `dimensions` on a model without Matryoshka embeddings
+            raise as_bad_request(exc, "dimensions") from None
+        engine_requests = [
+            EmbedRequest(f"{request_id}-{i}", self._embedding_input(engine_input["prompts"]), ctx.pooling_params,
+                         priority)
+            for i, engine_input in enumerate(ctx.engine_inputs)
+        ]  # fmt: skip
+        return PreparedEmbedding(
+            route, engine_requests, request_id, model_name or client_request.model, request.encoding_format,
+            request.embed_dtype, request.endianness, charge_to,
+        )  # fmt: skip
+
+    def _apply_embedding_truncation(self, request: Any) -> None:
+        """truncate_left/right become vLLM's truncation fields (to the context) unless the request set its own."""
+        side = TRUNCATION_SIDE.get(self.spec.long_prompt)
+        if side is not None and request.truncate_prompt_tokens is None:
+            request.truncate_prompt_tokens, request.truncation_side = -1, side
+
+    def _embedding_input(self, engine_input: dict[str, Any]) -> list[int]:
+        token_ids = self._token_ids(engine_input, "input")
+        cap = self._max_prompt_tokens
+        if cap is not None and len(token_ids) > cap:
+            raise BadRequestError(
+                f"input: {len(token_ids)} tokens is over this server's limit of {cap}.", param="input"
+            )
+        return token_ids
+
+
+def tokenizer_for(spec: ModelSpec, frontend: Frontend, max_prompt_tokens: int | None) -> PromptTokenizer:
+    return (EmbeddingTokenizer if spec.task == "embed" else PromptTokenizer)(spec, frontend, max_prompt_tokens)
+
+
 def refuse_unsupported(request: Any) -> None:
     """Fields vLLM accepts that this graph cannot honour: a 400, never a silently different result."""
     if getattr(request, "use_beam_search", False):
@@ -350,7 +440,7 @@ class Tokenizer:
         drop_serve_access_lines()
         cache = Path(cache_dir) if cache_dir else None
         self._by_engine = {
-            spec.engine_deployment_name: PromptTokenizer(spec, build_frontend(spec, cache), max_prompt_tokens)
+            spec.engine_deployment_name: tokenizer_for(spec, build_frontend(spec, cache), max_prompt_tokens)
             for spec in specs
         }
 
@@ -366,6 +456,22 @@ class Tokenizer:
         """The PreparedRequest, sealed: the ingress relays it to postprocess without unpickling vLLM objects."""
         tokenizer = self._by_engine[route.engine]
         return Sealed.of(await tokenizer.prepare(route, request, request_id, priority, model_name, charge_to))
+
+    async def prepare_embedding(
+        self,
+        route: ModelRoute,
+        request: ClientRequest,
+        request_id: str,
+        priority: int = 0,
+        model_name: str | None = None,
+        charge_to: str | None = None,
+    ) -> Sealed:
+        """An embeddings request's PreparedEmbedding, sealed like `prepare`'s; 400 for a generation model."""
+        tokenizer = self._by_engine[route.engine]
+        if not isinstance(tokenizer, EmbeddingTokenizer):
+            raise not_supported(route.model, "Embeddings")
+        prepared = await tokenizer.prepare_embedding(route, request, request_id, priority, model_name, charge_to)
+        return Sealed.of(prepared)
 
     async def request_body_schemas(self) -> dict[str, Any]:
         return request_body_schemas()

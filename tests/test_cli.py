@@ -24,7 +24,10 @@ def llm_app(config: dict) -> dict:
 
 def test_default_config_validates():
     summary = validate_config(read_config(ROOT / "graphs" / "local.yaml"))
-    assert summary[0] == "llm (/): router, tokenizer, engine-tiny-v1, engine-small-v1, postprocess, ingress"
+    assert summary[0] == (
+        "llm (/): router, tokenizer, engine-tiny-v1, engine-small-v1, engine-minilm-v1, postprocess, batch-runner, "
+        "ingress"
+    )
     assert summary[1] == "admin (/admin): admin"
 
 

@@ -48,7 +48,7 @@ def stream_chat(client, **kwargs) -> tuple[str, str | None, openai.types.Complet
 
 def test_models_lists_names_and_aliases(client):
     ids = {model.id for model in client.models.list()}
-    assert ids == {"tiny", "tiny-chat", "small", "small-latest"}
+    assert ids == {"tiny", "tiny-chat", "small", "small-latest", "minilm", "tiny-sql", "tiny-poet"}
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -1,0 +1,93 @@
+"""One batch line through the graph, as the ingress runs an interactive request (ingress.generate).
+
+The same steps in the same order: the tenant's fallback chain cut to the models it may use
+(admission.allowed_links), its quota lease (admission.take_lease, settled with the request's
+tokens when its record is written), each link tried through the tokenizer and postprocess
+stages (graph_stages.LinkAttempts, fallback.FallbackChain), and one RequestRecord per finished
+line for usage and metrics; embeddings lines as the ingress's /v1/embeddings runs them (local
+models only, the inputs' tokens reserved). Two differences: lines never stream, and they always
+go to the engines at the batch priority class, behind every interactive request in vLLM's queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Protocol
+
+from servegraph.deployments.admission import allowed_links, reservation, take_lease
+from servegraph.deployments.auth import Tenant
+from servegraph.deployments.errors import BadRequestError, RateLimitError
+from servegraph.deployments.fallback import FallbackChain
+from servegraph.deployments.graph_stages import GraphStages, LinkAttempts, link_timeout, timeout_error
+from servegraph.deployments.messages import ModelRoute, ResponseChunk
+from servegraph.deployments.protocol import ClientRequest
+from servegraph.deployments.quota import Quotas
+from servegraph.deployments.request_limits import reserved_tokens
+from servegraph.deployments.router import Link
+from servegraph.deployments.streaming import Deadline
+from servegraph.deployments.telemetry import RequestRecord, RequestTrace, status_of
+from servegraph.models.config import PriorityClass
+
+BATCH_PRIORITY = PriorityClass.batch.engine_priority
+ID_PREFIXES = {"chat": "chatcmpl", "completion": "cmpl", "responses": "resp", "embedding": "embd"}
+
+
+def local_links(model: str, links: list[Link]) -> list[Link]:
+    """An embeddings request's chain: its local models (as the ingress's embeddings route cuts it)."""
+    if not isinstance(links[0].target, ModelRoute):
+        raise BadRequestError(f"`{model}` is an external upstream: it serves no embeddings here.", param="model")
+    return [link for link in links if isinstance(link.target, ModelRoute)]
+
+
+class LineGraph(Protocol):
+    """What the batch runner needs of the graph: one request run to its whole response, or an OpenAIError."""
+
+    async def run(self, tenant: Tenant, request: ClientRequest, request_id: str) -> ResponseChunk: ...
+
+
+class GraphLines:
+    """LineGraph over the graph's stages: the ingress's admission, fallback and records, at batch priority.
+
+    A line the tenant's quota refuses (429) raises before any record is written: the runner
+    waits and tries it again, and only the attempt that runs is recorded.
+    """
+
+    def __init__(
+        self,
+        stages: GraphStages,
+        application: str,
+        observe: Callable[[RequestRecord], None],
+        quotas: Quotas | None = None,
+        fallbacks: FallbackChain | None = None,
+    ) -> None:
+        self._stages = stages
+        self._application = application
+        self._observe = observe
+        self._quotas = quotas
+        self._chain = fallbacks or FallbackChain()
+
+    async def run(self, tenant: Tenant, request: ClientRequest, request_id: str) -> ResponseChunk:
+        trace = RequestTrace(self._observe, request_id, self._application, request.model, False, tenant=tenant.name)
+        response_id = f"{ID_PREFIXES[request.kind]}-{request_id}"
+        admitted = False
+        try:
+            links = allowed_links(tenant, request.model, await self._stages.chain(request.model, request.user))
+            embedding = request.kind == "embedding"
+            links = local_links(request.model, links) if embedding else links
+            primary = links[0]
+            reserve = partial(reserved_tokens, request.body, 0) if embedding else reservation(request, primary)
+            charge_to = await take_lease(self._quotas, tenant, response_id, trace, reserve)
+            admitted = True
+            deadline = Deadline(link_timeout(primary), lambda: timeout_error(primary.model, link_timeout(primary)))
+            attempts = LinkAttempts(self._stages, request, response_id, deadline, BATCH_PRIORITY, primary, charge_to)
+            link, result = await self._chain.first_served(links, attempts.embed if embedding else attempts.complete)
+            version = link.target.version if isinstance(link.target, ModelRoute) else "upstream"
+            trace.served(link.served_by, version, getattr(link.target, "log_payloads", False), request)
+            trace.text(result)
+        except BaseException as exc:
+            if admitted or not isinstance(exc, RateLimitError):
+                trace.finish(status_of(exc))
+            raise
+        trace.finish(200, result)
+        return result
