@@ -163,6 +163,7 @@ def resilience_app(upstream_port: int) -> dict:
             "auth": {"enabled": False},
             "limits": {"max_prompt_tokens": PROMPT_TOKEN_CAP},
             "response_cache": {"enabled": True},  # deterministic requests only: a rollout must empty it
+            "batch": {"enabled": False},  # the Batch API's tests use the default and `limits` apps
             "models": [
                 {"name": "elastic", **TINY, "max_num_seqs": 2, "max_queued_requests": 8, "autoscaling": {
                     "min_replicas": 0, "max_replicas": 2, "upscale_delay_s": 0,
@@ -201,6 +202,9 @@ def with_traffic(graph: Graph, weights: dict[str, float]) -> dict:
 # Serve's autoscaler reads handle metrics, pushed every 10 s by default; 1 s lets the scaling test
 # react in seconds.
 FAST_AUTOSCALING_ENV = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+# Ray's memory monitor kills workers past 95 % of memory, Serve's controller among them; the
+# session's peaks (two `elastic` replicas starting) come close, and the page cache is reclaimable.
+MEMORY_MONITOR_ENV = {"RAY_memory_usage_threshold": "0.99"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -215,6 +219,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items[:] = rest[:e2e_start] + first + rest[e2e_start:]
 
 
+# The default graph's embedding model starts only when its tests ask for it and leaves a minute after:
+# with it always up, the session's engines outgrew 24 GiB while `elastic` scaled to two replicas.
+EMBEDDER_ON_DEMAND = {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1, "downscale_to_zero_delay_s": 60,
+                      "cold_start_timeout_s": 600}  # fmt: skip
+
+
+def embedder_on_demand(config: dict) -> dict:
+    """graphs/local.yaml with its `task: embed` models scaled to zero until used."""
+    for app in config["applications"]:
+        for model in app.get("args", {}).get("models", []):
+            if model.get("task") == "embed":
+                model["autoscaling"] = EMBEDDER_ON_DEMAND
+    return config
+
+
 @pytest.fixture(scope="session")
 def graph(tmp_path_factory) -> Iterator[Graph]:
     os.environ["SERVEGRAPH_CACHE_DIR"] = str(tmp_path_factory.mktemp("model-cache"))
@@ -222,13 +241,13 @@ def graph(tmp_path_factory) -> Iterator[Graph]:
     os.environ[USAGE_DIR_ENV] = str(usage_dir)
     work_dir = tmp_path_factory.mktemp("graph")
     upstream_port = lasting_free_port()  # bound by the upstream tests, many minutes later
-    config = load_config()
+    config = embedder_on_demand(load_config())
     idp = IdentityProvider(work_dir)
     apps = config["applications"] + trusting(LIMITS_APPS, idp) + [resilience_app(upstream_port)]
     # Logical CPUs only: the replicas share the machine's real cores either way.
     with LocalServeCluster(
         {**config, "applications": apps}, work_dir, num_cpus=16, metrics_report_interval_ms=1000,
-        env=FAST_AUTOSCALING_ENV | TENANT_ENV,
+        env=FAST_AUTOSCALING_ENV | MEMORY_MONITOR_ENV | TENANT_ENV,
     ) as cluster:  # fmt: skip
         running = (cluster.base_url, cluster.config, cluster.metrics_url, cluster.logs_dir)
         yield Graph(*running, cluster, upstream_port, usage_dir, idp)

@@ -41,6 +41,20 @@ class Reference:
         return (pooled / pooled.norm()).numpy()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def started(graph: Graph) -> None:
+    """The session runs `minilm` on demand (conftest's EMBEDDER_ON_DEMAND): the first request starts it."""
+
+    def answered() -> bool:
+        try:
+            body = {"model": MODEL, "input": "warm up"}
+            return httpx.post(f"{graph.openai_base_url}/embeddings", json=body, timeout=120).status_code == 200
+        except httpx.TimeoutException:
+            return False
+
+    poll(answered, 600, "minilm to start", interval_s=2)
+
+
 @pytest.fixture(scope="module")
 def reference(graph: Graph) -> Reference:
     return Reference(package_model_dir(graph.model_spec(MODEL)["package"]))
