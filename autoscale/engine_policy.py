@@ -178,4 +178,19 @@ class EngineSignalsPolicy:
         return replicas
 
     def __call__(self, inputs: ScalingInputs, state: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        return decide(self.wanted(inputs), inputs, self.cool_downs, state)
+        wanted = self.wanted(inputs)
+        if starting_replicas_still_needed(wanted, inputs):
+            return inputs.target_replicas, {**state, DIRECTION: 0, WISH_SINCE: None}
+        return decide(wanted, inputs, self.cool_downs, state)
+
+
+def starting_replicas_still_needed(wanted: float, inputs: ScalingInputs) -> bool:
+    """Replicas asked for are still starting and the running ones are all still wanted: hold.
+
+    The signals come from the running replicas only, so while a scale-up is starting they
+    read "enough" as soon as one TTFT window passes without a first token (a long stream), and
+    a downscale would stop the replica that was about to relieve them (seen: 1 -> 2 -> 1 every
+    few seconds, the second replica never finishing its start). A downscale waits until every
+    replica asked for runs, unless fewer than the running ones would do.
+    """
+    return inputs.running_replicas <= wanted < inputs.target_replicas  # so some replicas are still starting

@@ -200,3 +200,13 @@ def test_the_engine_report_is_zero_when_idle_and_ttft_is_sent_once():
     assert load.report(unfinished=5) == {RUNNING: 3.0, WAITING: 2.0, KV_CACHE_USAGE: 0.4, TTFT_S: pytest.approx(0.2)}
     assert TTFT_S not in load.report(unfinished=5)
     assert load.report(unfinished=0) == {RUNNING: 0.0, WAITING: 0.0, KV_CACHE_USAGE: 0.0}
+
+
+def test_a_scale_up_still_starting_is_not_undone_while_the_running_replicas_are_still_wanted():
+    policy = EngineSignalsPolicy(SETTINGS)
+    streaming = [engine(running=1)]  # one long stream, no first token in this window: reads light
+    starting = [inputs(now=t, replicas=1, target=2, engines=streaming) for t in (100, 111, 122)]
+    assert settle(policy, starting) == [2, 2, 2]
+    assert settle(policy, [inputs(now=t, replicas=2, engines=streaming * 2) for t in (130, 141)]) == [2, 1]
+    idle_while_starting = [inputs(now=t, replicas=2, target=3, engines=[engine(), engine()]) for t in (150, 161)]
+    assert settle(policy, idle_while_starting) == [3, 1]  # fewer than the running ones would do: no hold

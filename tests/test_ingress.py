@@ -172,7 +172,7 @@ def test_models_retrieve_one_by_name_or_alias(make_client):
     client = make_client()
     assert client.get("/v1/models/tiny-chat").json() | {"created": 0} == {
         "id": "tiny-chat", "object": "model", "created": 0, "owned_by": "servegraph", "root": "tiny",
-        "max_model_len": 64, "versions": ["v1"],
+        "parent": None, "max_model_len": 64, "versions": ["v1"],
     }  # fmt: skip
     missing = client.get("/v1/models/gpt-4o")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"

@@ -23,6 +23,7 @@ SLO_APP = {
     "args": {
         "accelerator": "cpu",
         "auth": {"enabled": False},
+        "batch": {"enabled": False},
         "models": [
             {"name": "surge", **TINY, "max_num_seqs": 2, "autoscaling": {
                 "min_replicas": 0, "max_replicas": 2, "upscale_delay_s": 0, "downscale_delay_s": 2,
