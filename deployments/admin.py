@@ -48,8 +48,8 @@ async def no_request_bodies() -> dict[str, Any]:
 def build_admin_app(llm_app: str, tenants: TenantDirectory) -> FastAPI:
     """Health is open; everything else needs an admin tenant's key (unless auth is off)."""
 
-    def admin_only(http_request: Request) -> Tenant:
-        return require_admin(tenant_of(http_request))
+    async def admin_only(http_request: Request) -> Tenant:
+        return require_admin(await tenant_of(http_request))
 
     app = FastAPI(title="servegraph admin", openapi_url=None, docs_url=None, redoc_url=None)
     app.add_middleware(FrontDoor, directory=tenants, max_body_bytes=ADMIN_MAX_BODY_BYTES)

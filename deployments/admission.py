@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from servegraph.deployments.auth import Tenant, model_not_allowed
+from servegraph.deployments.errors import BadRequestError
+from servegraph.deployments.messages import ModelRoute
 from servegraph.deployments.protocol import ClientRequest
 from servegraph.deployments.quota import Quotas
 from servegraph.deployments.request_limits import reserved_tokens
@@ -18,6 +21,13 @@ def allowed_links(tenant: Tenant, requested: str, links: list[Link]) -> list[Lin
     if not tenant.allows(primary.model):
         raise model_not_allowed(tenant, requested)
     return [primary, *(link for link in fallbacks if tenant.allows(link.model))]
+
+
+def local_links(model: str, links: list[Link]) -> list[Link]:
+    """An embeddings request's chain: its local models, as upstreams are called for generation only."""
+    if not isinstance(links[0].target, ModelRoute):
+        raise BadRequestError(f"`{model}` is an external upstream: it serves no embeddings here.", param="model")
+    return [link for link in links if isinstance(link.target, ModelRoute)]
 
 
 UPSTREAM_DEFAULT_MAX_TOKENS = 256  # reserved for an upstream's reply when the request sets no max_tokens
@@ -58,3 +68,20 @@ async def take_lease(
         raise
     trace.observe = settling(trace.observe, quotas, tenant.name, lease)
     return tenant.name
+
+
+async def admit(
+    quotas: Quotas | None, tenant: Tenant, request: ClientRequest, chain: list[Link], lease: str, trace: RequestTrace
+) -> tuple[list[Link], str | None]:
+    """The links of the request's chain this tenant may use, and the tenant the engine charges (take_lease).
+
+    One admission for the ingress's routes and the batch runner's lines: an embeddings request
+    keeps the chain's local models and reserves its inputs' tokens only, as nothing is generated.
+    """
+    links = allowed_links(tenant, request.model, chain)
+    if request.kind == "embedding":
+        links = local_links(request.model, links)
+        reserve = partial(reserved_tokens, request.body, 0)
+    else:
+        reserve = reservation(request, links[0])
+    return links, await take_lease(quotas, tenant, lease, trace, reserve)

@@ -9,7 +9,7 @@ and the jobs, through one handle method (`call`). So `client.files.create`,
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
@@ -53,6 +53,19 @@ class LocalBatchCalls:
 
 
 # OpenAI's shapes, for the OpenAPI document (the runner builds the same dicts).
+ItemT = TypeVar("ItemT", bound=BaseModel)
+
+
+class Page(BaseModel, Generic[ItemT]):
+    """OpenAI's cursor page of files or batches (batch_runner.page builds it): one shape for every list."""
+
+    object: Literal["list"] = "list"
+    data: list[ItemT]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool
+
+
 class FileObject(BaseModel):
     id: str
     object: Literal["file"] = "file"
@@ -65,12 +78,8 @@ class FileObject(BaseModel):
     status_details: str | None = None
 
 
-class FileList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FileObject]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool
+class FileList(Page[FileObject]):  # a subclass, not an alias: the OpenAPI document keeps the name FileList
+    pass
 
 
 class FileDeleted(BaseModel):
@@ -122,12 +131,8 @@ class BatchObject(BaseModel):
     usage: dict[str, Any] | None = None
 
 
-class BatchList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[BatchObject]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool
+class BatchList(Page[BatchObject]):  # likewise
+    pass
 
 
 class BatchCreate(BaseModel):

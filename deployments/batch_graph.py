@@ -12,32 +12,21 @@ go to the engines at the batch priority class, behind every interactive request 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Protocol
 
-from servegraph.deployments.admission import allowed_links, reservation, take_lease
+from servegraph.deployments.admission import admit
 from servegraph.deployments.auth import Tenant
-from servegraph.deployments.errors import BadRequestError, RateLimitError
+from servegraph.deployments.errors import RateLimitError
 from servegraph.deployments.fallback import FallbackChain
-from servegraph.deployments.graph_stages import GraphStages, LinkAttempts, link_timeout, timeout_error
+from servegraph.deployments.graph_stages import GraphStages, LinkAttempts, deadline_of
 from servegraph.deployments.messages import ModelRoute, ResponseChunk
 from servegraph.deployments.protocol import ClientRequest
 from servegraph.deployments.quota import Quotas
-from servegraph.deployments.request_limits import reserved_tokens
-from servegraph.deployments.router import Link
-from servegraph.deployments.streaming import Deadline
 from servegraph.deployments.telemetry import RequestRecord, RequestTrace, status_of
 from servegraph.models.config import PriorityClass
 
 BATCH_PRIORITY = PriorityClass.batch.engine_priority
 ID_PREFIXES = {"chat": "chatcmpl", "completion": "cmpl", "responses": "resp", "embedding": "embd"}
-
-
-def local_links(model: str, links: list[Link]) -> list[Link]:
-    """An embeddings request's chain: its local models (as the ingress's embeddings route cuts it)."""
-    if not isinstance(links[0].target, ModelRoute):
-        raise BadRequestError(f"`{model}` is an external upstream: it serves no embeddings here.", param="model")
-    return [link for link in links if isinstance(link.target, ModelRoute)]
 
 
 class LineGraph(Protocol):
@@ -72,16 +61,15 @@ class GraphLines:
         response_id = f"{ID_PREFIXES[request.kind]}-{request_id}"
         admitted = False
         try:
-            links = allowed_links(tenant, request.model, await self._stages.chain(request.model, request.user))
-            embedding = request.kind == "embedding"
-            links = local_links(request.model, links) if embedding else links
-            primary = links[0]
-            reserve = partial(reserved_tokens, request.body, 0) if embedding else reservation(request, primary)
-            charge_to = await take_lease(self._quotas, tenant, response_id, trace, reserve)
+            chain_links = await self._stages.chain(request.model, request.user)
+            links, charge_to = await admit(self._quotas, tenant, request, chain_links, response_id, trace)
             admitted = True
-            deadline = Deadline(link_timeout(primary), lambda: timeout_error(primary.model, link_timeout(primary)))
-            attempts = LinkAttempts(self._stages, request, response_id, deadline, BATCH_PRIORITY, primary, charge_to)
-            link, result = await self._chain.first_served(links, attempts.embed if embedding else attempts.complete)
+            primary = links[0]
+            attempts = LinkAttempts(
+                self._stages, request, response_id, deadline_of(primary), BATCH_PRIORITY, primary, charge_to
+            )
+            run = attempts.embed if request.kind == "embedding" else attempts.complete
+            link, result = await self._chain.first_served(links, run)
             version = link.target.version if isinstance(link.target, ModelRoute) else "upstream"
             trace.served(link.served_by, version, getattr(link.target, "log_payloads", False), request)
             trace.text(result)

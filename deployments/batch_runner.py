@@ -56,13 +56,9 @@ from servegraph.deployments.errors import (
     ServiceUnavailableError,
     as_openai_error,
 )
-from servegraph.deployments.fallback import FallbackChain, load_fallback_policy
+from servegraph.deployments.graph_client import GraphClient
 from servegraph.deployments.graph_stages import HandleStages
-from servegraph.deployments.quota import HandleQuotas
-from servegraph.deployments.telemetry import MetricLabels, RequestRecord, RequestTelemetry
-from servegraph.deployments.usage import UsageRecord
-from servegraph.deployments.usage_log import UsageLog
-from servegraph.models.config import BatchConfig, LLMAppArgs, PriorityClass, RequestLimits, TenantLimits, served_names
+from servegraph.models.config import BatchConfig, LLMAppArgs, PriorityClass, RequestLimits, TenantLimits
 
 logger = logging.getLogger("ray.serve.servegraph.batch")
 
@@ -411,19 +407,12 @@ class BatchRunner:
         quota: DeploymentHandle | None = None,
     ) -> None:
         replica = serve.get_replica_context()
-        self._telemetry = RequestTelemetry(MetricLabels.of(served_names(args), args.auth))
-        self._usage = UsageLog(args.usage, replica.replica_id.unique_id)
-        graph = GraphLines(
-            HandleStages(router, tokenizer, postprocess),
-            replica.app_name,
-            self._observe,
-            HandleQuotas(quota) if quota is not None else None,
-            FallbackChain(policy=load_fallback_policy(args.fallback_policy)),
-        )
+        self._graph = graph = GraphClient(HandleStages(router, tokenizer, postprocess), args, quota)
+        lines = GraphLines(graph.stages, replica.app_name, graph.observe, graph.quotas, graph.fallbacks)
         tenants = {spec.name: Tenant.of(spec) for spec in args.auth.tenants} if args.auth.enabled else {}
         # One folder per application: each application's runner resumes only its own batches.
         store = await asyncio.to_thread(BatchStore, args.batch.directory(args.usage) / replica.app_name)
-        self._service = BatchService(store, graph, args.batch, args.limits, tenants)
+        self._service = BatchService(store, lines, args.batch, args.limits, tenants)
         self._ready = asyncio.Event()
         self._taking_over = asyncio.get_running_loop().create_task(self._take_over(store))
 
@@ -433,10 +422,6 @@ class BatchRunner:
             await asyncio.sleep(OWNER_POLL_S)
         self._service.start()
         self._ready.set()
-
-    def _observe(self, record: RequestRecord) -> None:
-        self._usage.write(UsageRecord.of(record))
-        self._telemetry.observe(record)
 
     async def call(self, method: str, *args: Any) -> Any:
         """One of BatchService's API methods (the ingress's batch routes name them)."""
@@ -450,9 +435,9 @@ class BatchRunner:
         return await getattr(self._service, method)(*args)
 
     def __del__(self) -> None:
-        usage = getattr(self, "_usage", None)
-        if usage is not None:
-            usage.close()
+        graph = getattr(self, "_graph", None)
+        if graph is not None:
+            graph.close()
 
 
 API_METHODS = frozenset({"upload_file", "retrieve_file", "file_content", "delete_file", "list_files", "create_batch",

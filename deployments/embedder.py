@@ -13,22 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from servegraph.deployments.engine_replica import (
+    AsyncLLMReplica,
+    ReplicaCounters,
+    prepare_vllm_environment,
+    start_async_llm,
+)
 from servegraph.deployments.errors import BadRequestError, EngineCrashedError, EngineUnavailableError
 from servegraph.deployments.frontend import EngineShape, Frontend, model_registry
 from servegraph.deployments.messages import ModelRoute
 from servegraph.deployments.quota import OrderedSender, TokenEntry
-from servegraph.deployments.stage_process import drop_serve_access_lines
-from servegraph.models import cpu_amx
 from servegraph.models.build import resolve_model_source
 from servegraph.models.engine_config import MIN_CPU_KV_CACHE_BYTES, engine_kwargs
 from servegraph.models.spec import ModelSpec
@@ -85,14 +88,10 @@ def embedding_serving(frontend: Frontend) -> Any:
 
 
 @dataclass
-class EmbedderCounters:
+class EmbedderCounters(ReplicaCounters):
     """What this replica's engine did, for tests and the admin app (the Engine's counters' shape)."""
 
-    started: int = 0
-    finished: int = 0
-    aborted: int = 0
     prompt_tokens: int = 0
-    crashed: int = 0
 
 
 class PoolingEngine(Protocol):
@@ -174,35 +173,19 @@ def pooling_engine_kwargs(spec: ModelSpec, source: str, on_cpu: bool) -> dict[st
 
 
 @serve.deployment  # options: graphs/builder.py and models/placement.py
-class Embedder:
+class Embedder(AsyncLLMReplica):
     """An embedding model's engine replica: vLLM's AsyncLLM on the pooling runner."""
 
     def __init__(self, spec: ModelSpec, cache_dir: str | None = None, quota: DeploymentHandle | None = None) -> None:
-        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM's dictConfig would close Serve's handlers
-        os.environ[cpu_amx.MODE_ENV] = spec.cpu_amx  # read by the plugin in vLLM's engine processes
-        from vllm.engine.arg_utils import AsyncEngineArgs
+        prepare_vllm_environment(spec)
         from vllm.platforms import current_platform
-        from vllm.v1.engine.async_llm import AsyncLLM
-        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         source = resolve_model_source(spec, Path(cache_dir) if cache_dir else None)
-        kwargs = pooling_engine_kwargs(spec, source, current_platform.is_cpu())
-        drop_serve_access_lines()
-        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[RayPrometheusStatLogger])
+        self._engine = start_async_llm(pooling_engine_kwargs(spec, source, current_platform.is_cpu()))
         charges = OrderedSender(quota.charge_all) if quota is not None else None
         self._runner = EmbeddingRunner(self._engine, charges.send if charges is not None else None)
+        self._counters = self._runner.counters
 
     async def embed(self, requests: list[EmbedRequest], charge_to: str | None = None) -> Embeddings:
         """Every input of one client request in one call: vLLM batches them."""
         return await self._runner.embed(requests, charge_to)
-
-    def stats(self) -> dict[str, int]:
-        return {**asdict(self._runner.counters), "unfinished": self._engine.get_num_unfinished_requests()}
-
-    async def check_health(self) -> None:
-        await self._engine.check_health()
-
-    def __del__(self) -> None:
-        engine = getattr(self, "_engine", None)
-        if engine is not None:
-            engine.shutdown()

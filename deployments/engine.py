@@ -14,13 +14,19 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from servegraph.deployments.engine_replica import (
+    AsyncLLMReplica,
+    ReplicaCounters,
+    prepare_vllm_environment,
+    start_async_llm,
+)
 from servegraph.deployments.errors import (
     BadRequestError,
     EngineCrashedError,
@@ -30,7 +36,6 @@ from servegraph.deployments.errors import (
 )
 from servegraph.deployments.messages import EngineRequest, LoraAdapter
 from servegraph.deployments.quota import OrderedSender
-from servegraph.deployments.stage_process import drop_serve_access_lines
 from servegraph.models import cpu_amx
 from servegraph.models.build import resolve_adapter_source, resolve_model_source
 from servegraph.models.engine_config import (
@@ -47,14 +52,10 @@ logger = logging.getLogger("ray.serve.servegraph.engine")
 
 
 @dataclass
-class EngineCounters:
+class EngineCounters(ReplicaCounters):
     """What this replica's engine did, for tests and the admin app."""
 
-    started: int = 0
-    finished: int = 0
-    aborted: int = 0
     generated_tokens: int = 0
-    crashed: int = 0
 
 
 def _cpu_kv_cache_budget(model_source: str, spec: ModelSpec) -> int:
@@ -152,16 +153,10 @@ class EngineAdapters:
 
 
 @serve.deployment  # options: graphs/builder.py and models/placement.py
-class Engine:
+class Engine(AsyncLLMReplica):
     def __init__(self, spec: ModelSpec, cache_dir: str | None = None, quota: DeploymentHandle | None = None) -> None:
-        # vLLM's logging setup (dictConfig at import) closes Serve's log handlers: the
-        # replica would log nothing, request ids included, once vLLM is imported.
-        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-        os.environ[cpu_amx.MODE_ENV] = spec.cpu_amx  # read by the plugin in vLLM's engine processes
-        from vllm.engine.arg_utils import AsyncEngineArgs
+        prepare_vllm_environment(spec)
         from vllm.platforms import current_platform
-        from vllm.v1.engine.async_llm import AsyncLLM
-        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         source = resolve_model_source(spec, Path(cache_dir) if cache_dir else None)
         on_cpu = current_platform.is_cpu()
@@ -172,13 +167,9 @@ class Engine:
             if spec.num_workers > 1:
                 bind = cpu_threads_bind(spec.num_workers, sorted(os.sched_getaffinity(0)))
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
-        drop_serve_access_lines()
         self._spec = spec
         self._signals = EngineLoad()  # vLLM's queue, KV cache and TTFT, for autoscaling
-        self._engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(**kwargs),
-            stat_loggers=[RayPrometheusStatLogger, self._signals.stat_logger],  # vllm:* series; autoscaling signals
-        )
+        self._engine = start_async_llm(kwargs, self._signals.stat_logger)  # vllm:* series, autoscaling signals
         self._counters = EngineCounters()
         self._charges = OrderedSender(quota.charge_all) if quota is not None else None
         cache = Path(cache_dir) if cache_dir else None
@@ -305,14 +296,3 @@ class Engine:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics (every few seconds): what the engine-signals policy reads."""
         return self._signals.report(self._engine.get_num_unfinished_requests())
-
-    def stats(self) -> dict[str, int]:
-        return {**asdict(self._counters), "unfinished": self._engine.get_num_unfinished_requests()}
-
-    async def check_health(self) -> None:
-        await self._engine.check_health()
-
-    def __del__(self) -> None:
-        engine = getattr(self, "_engine", None)
-        if engine is not None:
-            engine.shutdown()

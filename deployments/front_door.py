@@ -143,6 +143,10 @@ class FrontDoor:
         return receive
 
 
-def tenant_of(http_request: Request) -> Tenant:
-    """The tenant FrontDoor found for this request (a FastAPI dependency)."""
+async def tenant_of(http_request: Request) -> Tenant:
+    """The tenant FrontDoor found for this request (a FastAPI dependency).
+
+    `async` so FastAPI calls it in the event loop: a plain function dependency runs in its
+    thread pool, a thread hop on every request (about 5 % of the ingress's CPU under load).
+    """
     return http_request.state.tenant

@@ -82,10 +82,7 @@ class HandleStages:
 
     async def embed(self, call: GenerationCall) -> ResponseChunk:
         """An embeddings request: the tokenizer's PreparedEmbedding (sealed) goes to postprocess as `prepare`'s does."""
-        prepared = self._tokenizer.prepare_embedding.remote(
-            call.route, call.request, call.request_id, call.priority, call.model_name, call.charge_to
-        )
-        return await self._postprocess.embed.remote(prepared)
+        return await self._postprocess.embed.remote(self._tokenizer.prepare_embedding.remote(call))
 
     def upstream(self, upstream: UpstreamSpec) -> UpstreamClient:
         if upstream.name not in self._upstreams:
@@ -111,6 +108,11 @@ def timeout_error(model: str, timeout_s: float | None) -> RequestTimeoutError:
 def link_timeout(link: Link) -> float | None:
     target = link.target
     return target.timeout_s
+
+
+def deadline_of(primary: Link) -> Deadline:
+    """A request's time limit: its chain's first link's timeout, shared by every link it tries."""
+    return Deadline(link_timeout(primary), lambda: timeout_error(primary.model, link_timeout(primary)))
 
 
 class LinkAttempts:

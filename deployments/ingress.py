@@ -16,7 +16,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import date
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from servegraph.deployments.admission import allowed_links, reservation, take_lease
+from servegraph.deployments.admission import admit
 from servegraph.deployments.api_docs import (
     GENERATION_STATUSES,
     MODEL_STATUSES,
@@ -36,29 +35,21 @@ from servegraph.deployments.api_docs import (
 from servegraph.deployments.auth import Tenant, model_not_allowed, require_admin
 from servegraph.deployments.batch_api import BatchCalls, HandleBatchCalls, batch_router
 from servegraph.deployments.errors import BadRequestError, OpenAIError, model_not_found
-from servegraph.deployments.fallback import FallbackChain, load_fallback_policy
+from servegraph.deployments.fallback import FallbackChain
 from servegraph.deployments.front_door import TENANT_STATE, FrontDoor, TenantDirectory, tenant_of
-from servegraph.deployments.graph_stages import GraphStages, HandleStages, LinkAttempts, link_timeout, timeout_error
+from servegraph.deployments.graph_client import GraphClient
+from servegraph.deployments.graph_stages import GraphStages, HandleStages, LinkAttempts, deadline_of
 from servegraph.deployments.http_errors import install_error_handlers, json_object
 from servegraph.deployments.http_stream import sse_events
 from servegraph.deployments.messages import ModelRoute
 from servegraph.deployments.protocol import ClientRequest, ModelCard, ModelList, RequestKind, model_of, new_id
-from servegraph.deployments.quota import HandleQuotas, Quotas
-from servegraph.deployments.request_limits import check_limits, over, reserved_tokens
+from servegraph.deployments.quota import Quotas
+from servegraph.deployments.request_limits import check_limits, over
 from servegraph.deployments.response_cache import CachedResponse, CachePlan, IngressResponseCache
 from servegraph.deployments.router import Link, TrafficWeights
-from servegraph.deployments.streaming import Deadline
-from servegraph.deployments.telemetry import (
-    CacheTelemetry,
-    MetricLabels,
-    RequestRecord,
-    RequestTelemetry,
-    RequestTrace,
-    status_of,
-)
-from servegraph.deployments.usage import UsageRecord, UsageReport, read_usage, summarize
-from servegraph.deployments.usage_log import UsageLog
-from servegraph.models.config import AuthConfig, IngressConfig, LLMAppArgs, RequestLimits, served_names
+from servegraph.deployments.telemetry import CacheTelemetry, RequestRecord, RequestTrace, status_of
+from servegraph.deployments.usage import UsageReport, read_usage, summarize
+from servegraph.models.config import AuthConfig, IngressConfig, LLMAppArgs, RequestLimits
 
 logger = logging.getLogger("servegraph.ingress")
 
@@ -75,13 +66,6 @@ SERVED_BY_HEADER = "X-Servegraph-Served-By"
 def session_key_of(http_request: Request, request: ClientRequest) -> str | None:
     """What keeps one conversation on one model version: the `user` field, else a session header."""
     return request.user or http_request.headers.get(SESSION_HEADER)
-
-
-def local_links(model: str, links: list[Link]) -> list[Link]:
-    """The chain's local models: upstreams are called for generation only."""
-    if not isinstance(links[0].target, ModelRoute):
-        raise BadRequestError(f"`{model}` is an external upstream: it serves no embeddings here.", param="model")
-    return [link for link in links if isinstance(link.target, ModelRoute)]
 
 
 def check_input_count(body: dict[str, Any], limits: RequestLimits) -> None:
@@ -184,13 +168,11 @@ def build_openai_app(
         response_id = new_id(id_prefix)
         try:
             chain_links = await stages.chain(request.model, session_key_of(http_request, request))
-            links = allowed_links(tenant, request.model, chain_links)
+            links, charge_to = await admit(quotas, tenant, request, chain_links, response_id, trace)
             primary = links[0]
-            charge_to = await take_lease(quotas, tenant, response_id, trace, reservation(request, primary))
             plan, hit = cache_lookup(http_request, request, tenant, primary)
-            deadline = Deadline(link_timeout(primary), lambda: timeout_error(primary.model, link_timeout(primary)))
             priority = tenant.priority.engine_priority
-            attempts = LinkAttempts(stages, request, response_id, deadline, priority, primary, charge_to)
+            attempts = LinkAttempts(stages, request, response_id, deadline_of(primary), priority, primary, charge_to)
             link, result = await served(request, attempts, links, hit, response_id)
             trace.cached = hit is not None
             target = link.target
@@ -215,13 +197,10 @@ def build_openai_app(
         response_id = new_id("embd")
         try:
             chain_links = await stages.chain(request.model, session_key_of(http_request, request))
-            links = local_links(request.model, allowed_links(tenant, request.model, chain_links))
+            links, charge_to = await admit(quotas, tenant, request, chain_links, response_id, trace)
             primary = links[0]
-            reserve = partial(reserved_tokens, request.body, 0)  # the inputs only: nothing is generated
-            charge_to = await take_lease(quotas, tenant, response_id, trace, reserve)
-            deadline = Deadline(link_timeout(primary), lambda: timeout_error(primary.model, link_timeout(primary)))
             priority = tenant.priority.engine_priority
-            attempts = LinkAttempts(stages, request, response_id, deadline, priority, primary, charge_to)
+            attempts = LinkAttempts(stages, request, response_id, deadline_of(primary), priority, primary, charge_to)
             link, result = await chain.first_served(links, attempts.embed)
             trace.served(link.served_by, link.target.version, link.target.log_payloads, request)
             response = Response(result.data, media_type="application/json", headers={SERVED_BY_HEADER: link.served_by})
@@ -346,33 +325,24 @@ class Ingress:
         quota: DeploymentHandle | None = None,
         batch_runner: DeploymentHandle | None = None,
     ):
-        self._stages = HandleStages(router, tokenizer, postprocess)
-        labels = MetricLabels.of(served_names(args), args.auth)
-        self._telemetry = RequestTelemetry(labels)
+        self._graph = GraphClient(HandleStages(router, tokenizer, postprocess), args, quota)
         replica = serve.get_replica_context()
         self._response_cache = (
             IngressResponseCache(
-                args.response_cache, CacheTelemetry(replica.app_name, replica.replica_id.unique_id, labels)
+                args.response_cache, CacheTelemetry(replica.app_name, replica.replica_id.unique_id, self._graph.labels)
             )
             if args.response_cache.enabled
             else None
         )
         self._traffic: TrafficWeights = {}
         self._tenants = TenantDirectory(args.auth)
-        self._quotas = HandleQuotas(quota) if quota is not None else None
         self._limits = args.limits
-        self._fallbacks = FallbackChain(policy=load_fallback_policy(args.fallback_policy))
-        self._usage = UsageLog(args.usage, serve.get_replica_context().replica_id.unique_id)
         self._batches = HandleBatchCalls(batch_runner) if batch_runner is not None else None
         self._max_file_bytes = args.batch.max_file_bytes
 
-    def _observe(self, record: RequestRecord) -> None:
-        self._usage.write(UsageRecord.of(record))
-        self._telemetry.observe(record)
-
     async def reconfigure(self, user_config: dict) -> None:
         config = IngressConfig.model_validate(user_config)
-        await self._stages.set_traffic(config.traffic)
+        await self._graph.stages.set_traffic(config.traffic)
         if self._response_cache is not None:
             emptied = self._response_cache.traffic_changed(self._traffic, config.traffic)
             logger.info("response cache emptied for %s: traffic changed", sorted(emptied) or "no model")
@@ -382,13 +352,13 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         application = serve.get_replica_context().app_name
         return build_openai_app(
-            self._stages,
+            self._graph.stages,
             application,
-            self._observe,
-            fallbacks=self._fallbacks,
+            self._graph.observe,
+            fallbacks=self._graph.fallbacks,
             tenants=self._tenants,
-            quotas=self._quotas,
-            usage_dir=self._usage.directory,
+            quotas=self._graph.quotas,
+            usage_dir=self._graph.usage.directory,
             limits=self._limits,
             response_cache=self._response_cache,
             batches=self._batches,
@@ -396,7 +366,6 @@ class Ingress:
         )
 
     def __del__(self) -> None:
-        """Serve's graceful shutdown: the open usage segment becomes Parquet now."""
-        usage = getattr(self, "_usage", None)
-        if usage is not None:
-            usage.close()
+        graph = getattr(self, "_graph", None)
+        if graph is not None:
+            graph.close()

@@ -16,7 +16,7 @@ from ray import serve
 from servegraph.deployments.embedder import EmbedRequest, PreparedEmbedding, embedding_serving
 from servegraph.deployments.errors import BadRequestError, ContextLengthExceededError, from_vllm_error
 from servegraph.deployments.frontend import Frontend, build_frontend
-from servegraph.deployments.messages import EngineRequest, ModelRoute, PreparedRequest, Sealed
+from servegraph.deployments.messages import EngineRequest, GenerationCall, ModelRoute, PreparedRequest, Sealed
 from servegraph.deployments.protocol import (
     ClientRequest,
     as_bad_request,
@@ -73,10 +73,7 @@ class PromptTokenizer:
             else:
                 prepared = await self._prepare_completion(route, request, request_id, priority, kind == "chat")
         except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's own validation of the request
-            error = as_bad_request(exc, param_named_by(exc, request) or param)
-            if isinstance(error, ContextLengthExceededError):
-                error.param = param
-            raise error from None
+            raise vllm_refusal(exc, request, param) from None
         if charge_to is not None or route.adapter is not None:  # the engine serves the route's LoRA adapter
             engine_requests = [replace(r, charge_to=charge_to, lora=route.adapter) for r in prepared.engine_requests]
             prepared = replace(prepared, engine_requests=engine_requests)
@@ -158,14 +155,19 @@ class PromptTokenizer:
         return {"chat_template_kwargs": template_kwargs}
 
     def _apply_long_prompt_policy(self, request: Any, chat: bool) -> None:
-        """truncate_left/right become vLLM's truncation fields unless the request set its own."""
+        """The spec's truncation (_truncate_to_context), leaving a chat request room for the default completion."""
+        truncated = self._truncate_to_context(request)
+        if truncated and chat and request.max_tokens is None and request.max_completion_tokens is None:
+            request.max_tokens = self.spec.default_max_tokens
+
+    def _truncate_to_context(self, request: Any) -> bool:
+        """truncate_left/right become vLLM's truncation fields unless the request set its own; whether they did."""
         side = TRUNCATION_SIDE.get(self.spec.long_prompt)
         if side is None or request.truncate_prompt_tokens is not None:
-            return
+            return False
         request.truncate_prompt_tokens = -1  # vLLM: whatever max_model_len minus max_tokens leaves
         request.truncation_side = side
-        if chat and request.max_tokens is None and request.max_completion_tokens is None:
-            request.max_tokens = self.spec.default_max_tokens  # room for the default completion
+        return True
 
     async def _render(self, request: Any, chat: bool) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]]]:
         from jinja2 import TemplateError
@@ -338,20 +340,13 @@ class EmbeddingTokenizer(PromptTokenizer):
     async def prepare(self, route: ModelRoute, client_request: ClientRequest, *args: Any, **kwargs: Any):
         raise not_supported(route.model, API_NAMES[client_request.kind])
 
-    async def prepare_embedding(
-        self,
-        route: ModelRoute,
-        client_request: ClientRequest,
-        request_id: str,
-        priority: int = 0,
-        model_name: str | None = None,
-        charge_to: str | None = None,
-    ) -> PreparedEmbedding:
+    async def prepare_embedding(self, call: GenerationCall) -> PreparedEmbedding:
         """The body parsed by vLLM's embedding request model and rendered as vLLM's embeddings server
         does: string, strings, token ids or lists of them (or chat messages, through the model's
         template); `dimensions` and the rest checked by vLLM's PoolingParams, each refusal a 400."""
         from vllm.exceptions import VLLMClientError
 
+        route, client_request = call.route, call.request
         request = client_request.parsed()
         if request.encoding_format not in EMBEDDING_ENCODINGS:
             raise BadRequestError(
@@ -359,35 +354,26 @@ class EmbeddingTokenizer(PromptTokenizer):
                 param="encoding_format",
             )
         request.model = route.model  # vLLM's registry knows the model by its own name (not a fallback's)
-        self._apply_embedding_truncation(request)
+        self._truncate_to_context(request)
         serving = self._serving
         try:
             ctx = await serving._init_ctx(serving.io_processor, request)
             await serving._preprocessing(serving.io_processor, ctx)
         except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's own validation of the request
-            error = as_bad_request(exc, param_named_by(exc, request) or "input")
-            if isinstance(error, ContextLengthExceededError):
-                error.param = "input"
-            raise error from None
+            raise vllm_refusal(exc, request, "input") from None
         try:
             ctx.pooling_params.verify(self.frontend.model_config)  # as vLLM's server does before its engine call
         except (ValueError, VLLMClientError) as exc:  # `dimensions` on a model without Matryoshka embeddings
             raise as_bad_request(exc, "dimensions") from None
         engine_requests = [
-            EmbedRequest(f"{request_id}-{i}", self._embedding_input(engine_input["prompts"]), ctx.pooling_params,
-                         priority)
+            EmbedRequest(f"{call.request_id}-{i}", self._embedding_input(engine_input["prompts"]),
+                         ctx.pooling_params, call.priority)
             for i, engine_input in enumerate(ctx.engine_inputs)
         ]  # fmt: skip
         return PreparedEmbedding(
-            route, engine_requests, request_id, model_name or client_request.model, request.encoding_format,
-            request.embed_dtype, request.endianness, charge_to,
+            route, engine_requests, call.request_id, call.model_name or client_request.model,
+            request.encoding_format, request.embed_dtype, request.endianness, call.charge_to,
         )  # fmt: skip
-
-    def _apply_embedding_truncation(self, request: Any) -> None:
-        """truncate_left/right become vLLM's truncation fields (to the context) unless the request set its own."""
-        side = TRUNCATION_SIDE.get(self.spec.long_prompt)
-        if side is not None and request.truncate_prompt_tokens is None:
-            request.truncate_prompt_tokens, request.truncation_side = -1, side
 
     def _embedding_input(self, engine_input: dict[str, Any]) -> list[int]:
         token_ids = self._token_ids(engine_input, "input")
@@ -409,6 +395,15 @@ def refuse_unsupported(request: Any) -> None:
         raise BadRequestError("Beam search is not supported by this server.", param="use_beam_search")
     if getattr(request, "prompt_embeds", None) is not None:
         raise BadRequestError("prompt_embeds are not supported: engines take token ids.", param="prompt_embeds")
+
+
+def vllm_refusal(exc: Exception, request: Any, param: str) -> BadRequestError:
+    """vLLM's validation error as a 400 naming the field its message starts with, else param (the
+    prompt's field), which a prompt over the context always names: one answer for every endpoint."""
+    error = as_bad_request(exc, param_named_by(exc, request) or param)
+    if isinstance(error, ContextLengthExceededError):
+        error.param = param
+    return error
 
 
 def param_named_by(exc: Exception, request: Any) -> str | None:
@@ -457,21 +452,15 @@ class Tokenizer:
         tokenizer = self._by_engine[route.engine]
         return Sealed.of(await tokenizer.prepare(route, request, request_id, priority, model_name, charge_to))
 
-    async def prepare_embedding(
-        self,
-        route: ModelRoute,
-        request: ClientRequest,
-        request_id: str,
-        priority: int = 0,
-        model_name: str | None = None,
-        charge_to: str | None = None,
-    ) -> Sealed:
-        """An embeddings request's PreparedEmbedding, sealed like `prepare`'s; 400 for a generation model."""
-        tokenizer = self._by_engine[route.engine]
+    async def prepare_embedding(self, call: GenerationCall) -> Sealed:
+        """An embeddings request's PreparedEmbedding, sealed like `prepare`'s; 400 for a generation model.
+
+        It takes the ingress's GenerationCall whole (prepare's arguments, which bench/hops.py passes one
+        by one), so the call's fields are written out once."""
+        tokenizer = self._by_engine[call.route.engine]
         if not isinstance(tokenizer, EmbeddingTokenizer):
-            raise not_supported(route.model, "Embeddings")
-        prepared = await tokenizer.prepare_embedding(route, request, request_id, priority, model_name, charge_to)
-        return Sealed.of(prepared)
+            raise not_supported(call.route.model, "Embeddings")
+        return Sealed.of(await tokenizer.prepare_embedding(call))
 
     async def request_body_schemas(self) -> dict[str, Any]:
         return request_body_schemas()

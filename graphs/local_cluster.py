@@ -143,8 +143,10 @@ class LocalServeCluster:
         self._system_config = (
             {"metrics_report_interval_ms": metrics_report_interval_ms} if metrics_report_interval_ms else {}
         )
-        self._dashboard_port = free_port()
-        self._metrics_port = free_port()
+        # Outside the ephemeral range: Ray's own processes open connections while the cluster
+        # starts, and one took a dashboard port chosen with free_port() before it was bound.
+        self._dashboard_port = lasting_free_port(taken={http_port})
+        self._metrics_port = lasting_free_port(taken={http_port, self._dashboard_port})
 
     @property
     def base_url(self) -> str:
