@@ -33,7 +33,9 @@ class HandleBatchCalls:
     """BatchCalls over the BatchRunner's handle; its errors arrive as the OpenAIErrors it raised."""
 
     def __init__(self, runner: DeploymentHandle) -> None:
-        self._runner = runner
+        # Files travel whole in these calls: through Ray's object store, not Serve's gRPC
+        # transport, whose messages stop at 4 MiB (an upload may be max_file_bytes, 200 MiB).
+        self._runner = runner.options(_by_reference=True)
 
     async def call(self, method: str, *args: Any) -> Any:
         try:
@@ -149,11 +151,20 @@ UPLOADED_FILE, PURPOSE = File(description="JSON lines, one request each."), Form
 CONTENT = {200: {"description": "The file's bytes.", "content": {"application/octet-stream": {}}}}
 
 
+FILES_PATH = "/v1/files"
+# An upload's body is the file plus its multipart framing (boundaries, part headers, the purpose
+# field): FrontDoor bounds the body at max_file_bytes plus this, the route the file exactly.
+MULTIPART_ENVELOPE_BYTES = 64 << 10
+
+
 def batch_router(batches: BatchCalls, max_file_bytes: int) -> APIRouter:
-    """The routes over a BatchRunner; uploads larger than max_file_bytes are 413 (after FrontDoor's body limit)."""
+    """The routes over a BatchRunner; uploads larger than max_file_bytes are 413.
+
+    Uploads are exempt from `limits.max_body_bytes` (FrontDoor gives FILES_PATH a limit of its own).
+    """
     router = APIRouter()
 
-    @router.post("/v1/files", responses=error_responses(400, 401, 413))
+    @router.post(FILES_PATH, responses=error_responses(400, 401, 413))
     async def create_file(
         file: UploadFile = UPLOADED_FILE, purpose: str = PURPOSE, tenant: Tenant = Depends(tenant_of)
     ) -> FileObject:

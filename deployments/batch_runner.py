@@ -58,6 +58,7 @@ from servegraph.deployments.errors import (
 )
 from servegraph.deployments.graph_client import GraphClient
 from servegraph.deployments.graph_stages import HandleStages
+from servegraph.deployments.router import TrafficWeights
 from servegraph.models.config import BatchConfig, LLMAppArgs, PriorityClass, RequestLimits, TenantLimits
 
 logger = logging.getLogger("ray.serve.servegraph.batch")
@@ -412,14 +413,20 @@ class BatchRunner:
         tenants = {spec.name: Tenant.of(spec) for spec in args.auth.tenants} if args.auth.enabled else {}
         # One folder per application: each application's runner resumes only its own batches.
         store = await asyncio.to_thread(BatchStore, args.batch.directory(args.usage) / replica.app_name)
+        self._store = store
         self._service = BatchService(store, lines, args.batch, args.limits, tenants)
         self._ready = asyncio.Event()
+        self._traffic_lock = asyncio.Lock()
         self._taking_over = asyncio.get_running_loop().create_task(self._take_over(store))
 
     async def _take_over(self, store: BatchStore) -> None:
         """The store's lock first (a runner being replaced may still hold it), then every batch resumed."""
         while not await asyncio.to_thread(store.try_own):
             await asyncio.sleep(OWNER_POLL_S)
+        try:
+            await self._apply_traffic(await asyncio.to_thread(store.load_traffic))
+        except Exception as exc:  # unreadable weights or the router away: lines go to first versions until the next
+            logger.warning("kept traffic weights not applied: %r", exc)
         self._service.start()
         self._ready.set()
 
@@ -433,6 +440,20 @@ class BatchRunner:
         except TimeoutError:
             raise ServiceUnavailableError("The batch runner is taking over from the previous one; retry.") from None
         return await getattr(self._service, method)(*args)
+
+    async def set_traffic(self, traffic: TrafficWeights) -> None:
+        """The ingress's new version weights (its reconfigure sends them): lines split as requests do,
+        and a restarted runner starts with them."""
+        await self._ready.wait()
+        async with self._traffic_lock:  # applied and kept in the order they came
+            await self._apply_traffic(traffic)
+            await asyncio.to_thread(self._store.save_traffic, traffic)
+
+    async def _apply_traffic(self, traffic: TrafficWeights) -> None:
+        try:
+            await self._graph.stages.set_traffic(traffic)
+        except ValueError as exc:  # weights kept from an older config may name versions no longer deployed
+            logger.warning("traffic weights %s not applied: %s", traffic, exc)
 
     def __del__(self) -> None:
         graph = getattr(self, "_graph", None)

@@ -37,6 +37,7 @@ BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 MAX_FILENAME_CHARS = 256
 OUTPUT, ERRORS, INPUT, STATE = "output.jsonl", "errors.jsonl", "input.jsonl", "state.json"
+TRAFFIC = ".traffic.json"  # the ingress's weights (a dot name: no tenant folder is named so)
 
 
 def new_file_id() -> str:
@@ -202,6 +203,14 @@ class BatchStore:
         except BlockingIOError:
             return False
         return True
+
+    def save_traffic(self, traffic: dict[str, dict[str, float]]) -> None:
+        """The ingress's traffic weights, kept so a restarted runner splits lines as the ingress splits requests."""
+        write_atomically(self.root / TRAFFIC, json.dumps(traffic, sort_keys=True).encode())
+
+    def load_traffic(self) -> dict[str, dict[str, float]]:
+        path = self.root / TRAFFIC
+        return json.loads(path.read_bytes()) if path.exists() else {}
 
     def _tenant(self, tenant: str) -> Path:
         return self.root / tenant_folder(tenant)

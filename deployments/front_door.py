@@ -108,11 +108,19 @@ def body_too_large(limit: int) -> PayloadTooLargeError:
 class FrontDoor:
     """ASGI middleware: the caller's tenant (in request.state) before anything else runs, then the body bounded."""
 
-    def __init__(self, app: ASGIApp, directory: TenantDirectory, max_body_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        directory: TenantDirectory,
+        max_body_bytes: int | None = None,
+        path_body_limits: Mapping[str, int] | None = None,
+    ) -> None:
+        """path_body_limits: a limit of its own for a route whose bodies are meant to be larger (batch uploads)."""
         self.app = app
         self._directory = directory
         self._open_paths = directory.open_paths()
         self._max_body_bytes = max_body_bytes
+        self._path_body_limits = dict(path_body_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -126,11 +134,12 @@ class FrontDoor:
         await self.app(scope, receive, send)
 
     async def _admit(self, scope: Scope, receive: Receive) -> Receive:
-        if route_path(scope) in self._open_paths:
+        path = route_path(scope)
+        if path in self._open_paths:
             return receive
         tenant = await self._directory.authenticate(header(scope, b"authorization"))
         scope.setdefault("state", {})[TENANT_STATE] = tenant
-        limit = self._max_body_bytes
+        limit = self._path_body_limits.get(path, self._max_body_bytes)
         if limit is None:
             return receive
         length = header(scope, b"content-length")

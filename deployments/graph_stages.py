@@ -14,7 +14,7 @@ from ray.serve.handle import DeploymentHandle
 
 from servegraph.deployments.errors import RequestTimeoutError
 from servegraph.deployments.http_stream import open_stream
-from servegraph.deployments.messages import GenerationCall, ModelRoute, ResponseChunk
+from servegraph.deployments.messages import STREAM_SERIALIZATION, GenerationCall, ModelRoute, ResponseChunk
 from servegraph.deployments.protocol import ClientRequest, ModelList
 from servegraph.deployments.router import Link, ModelRegistry, RegistryCopy, TrafficWeights
 from servegraph.deployments.streaming import Deadline, until_finished
@@ -47,7 +47,7 @@ class HandleStages:
         self._registry = RegistryCopy(lambda revision: router.registry_if_changed.remote(revision))
         self._tokenizer = tokenizer
         self._postprocess = postprocess
-        self._postprocess_stream = postprocess.options(stream=True)
+        self._postprocess_stream = postprocess.options(stream=True, response_serialization=STREAM_SERIALIZATION)
         self._upstreams: dict[str, UpstreamClient] = {}
         self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
 

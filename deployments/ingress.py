@@ -33,7 +33,13 @@ from servegraph.deployments.api_docs import (
     install_docs,
 )
 from servegraph.deployments.auth import Tenant, model_not_allowed, require_admin
-from servegraph.deployments.batch_api import BatchCalls, HandleBatchCalls, batch_router
+from servegraph.deployments.batch_api import (
+    FILES_PATH,
+    MULTIPART_ENVELOPE_BYTES,
+    BatchCalls,
+    HandleBatchCalls,
+    batch_router,
+)
 from servegraph.deployments.errors import BadRequestError, OpenAIError, model_not_found
 from servegraph.deployments.fallback import FallbackChain
 from servegraph.deployments.front_door import TENANT_STATE, FrontDoor, TenantDirectory, tenant_of
@@ -109,7 +115,8 @@ def build_openai_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.add_middleware(FrontDoor, directory=directory, max_body_bytes=limits.max_body_bytes)
+    uploads = {FILES_PATH: max_file_bytes + MULTIPART_ENVELOPE_BYTES} if batches is not None else {}
+    app.add_middleware(FrontDoor, directory=directory, max_body_bytes=limits.max_body_bytes, path_body_limits=uploads)
     install_docs(app, directory.docs, stages.request_body_schemas)
     chain = fallbacks or FallbackChain()
 
@@ -338,6 +345,8 @@ class Ingress:
         self._tenants = TenantDirectory(args.auth)
         self._limits = args.limits
         self._batches = HandleBatchCalls(batch_runner) if batch_runner is not None else None
+        self._batch_runner = batch_runner
+        self._forwarding: asyncio.Task | None = None
         self._max_file_bytes = args.batch.max_file_bytes
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -348,6 +357,17 @@ class Ingress:
             logger.info("response cache emptied for %s: traffic changed", sorted(emptied) or "no model")
         self._traffic = config.traffic
         logger.info("traffic weights now %s", config.traffic)
+        if self._batch_runner is not None:  # batch lines split as requests do; not awaited: the runner may be starting
+            if self._forwarding is not None:
+                self._forwarding.cancel()  # older weights must not arrive after these
+            self._forwarding = asyncio.get_running_loop().create_task(self._forward_traffic(config.traffic))
+
+    async def _forward_traffic(self, traffic: TrafficWeights) -> None:
+        assert self._batch_runner is not None
+        try:
+            await self._batch_runner.set_traffic.remote(traffic)
+        except Exception as exc:  # the runner keeps its last weights; the next reconfigure sends them again
+            logger.warning("traffic weights not sent to the batch runner: %r", exc)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         application = serve.get_replica_context().app_name

@@ -8,6 +8,11 @@ from typing import Any
 
 from servegraph.models.spec import LoraAdapterSpec
 
+# How the streaming handles send their items (ResponseChunks; lists of vLLM RequestOutputs): plain
+# classes, so the C pickler rather than cloudpickle, whose reducer hook runs in Python for every
+# object (about 4 % of each streaming stage's CPU under load).
+STREAM_SERIALIZATION = "pickle"
+
 
 @dataclass(frozen=True)
 class LoraAdapter:

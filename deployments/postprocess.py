@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from servegraph.deployments.embedder import Embeddings, PreparedEmbedding, embedding_serving
 from servegraph.deployments.errors import ModelStartingError, OpenAIError, as_openai_error, from_vllm_error
 from servegraph.deployments.frontend import Frontend, build_frontend
-from servegraph.deployments.messages import ModelRoute, PreparedRequest, ResponseChunk, Sealed
+from servegraph.deployments.messages import STREAM_SERIALIZATION, ModelRoute, PreparedRequest, ResponseChunk, Sealed
 from servegraph.deployments.protocol import request_kind
 from servegraph.deployments.stage_process import drop_serve_access_lines
 from servegraph.deployments.streaming import Deadline
@@ -343,7 +343,10 @@ class Postprocess:
         drop_serve_access_lines()
         cache = Path(cache_dir) if cache_dir else None
         self._shapers = {spec.engine_deployment_name: shaper_for(spec, build_frontend(spec, cache)) for spec in specs}
-        self._engines = {name: handle.options(stream=True) for name, handle in engines.items()}
+        self._engines = {
+            name: handle.options(stream=True, response_serialization=STREAM_SERIALIZATION)
+            for name, handle in engines.items()
+        }
         self._embedders = engines  # embedding models' engines answer once: no stream
         self._adapter_engines: dict[tuple[str, str], DeploymentHandle] = {}
 

@@ -9,7 +9,8 @@ in a Serve config, with the engine arguments the graph's engine would use, over 
 dataset, reading and writing Parquet, so a dataset larger than the online path should carry
 spreads over the Ray cluster. Input columns: `custom_id` and `body` (a JSON request, as a
 batch line's body: `messages` for chat, `prompt` for completions, and sampling fields).
-Output columns: `custom_id`, `generated_text`, `num_input_tokens`, `num_generated_tokens`.
+Output columns: `custom_id`, `generated_text`, `num_input_tokens`, `num_generated_tokens`,
+`generated_tokens` (the token ids).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any
 ENDED = ("completed", "failed", "expired", "cancelled")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "min_tokens", "n")
 BAR_WIDTH = 30
-LOCAL_MIN_CPUS = 4
+# Logical CPUs of a local cluster: the read, tokenize, engine, detokenize and write stages each hold
+# one at once (with four, the detokenize actor waited forever and the job never finished).
+LOCAL_MIN_CPUS = 8
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -46,7 +49,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     offline.add_argument("--concurrency", type=int, default=1, help="engine replicas (Ray Data actors)")
     offline.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     offline.add_argument("--num-cpus", type=int, default=None,
-                         help="logical CPUs of a local cluster (default: at least 4, for the CPU stages)")  # fmt: skip
+                         help="logical CPUs of a local cluster (default: at least 8, for the CPU stages)")  # fmt: skip
     parser.set_defaults(handler=run)
 
 
@@ -116,14 +119,26 @@ def run_online(args: argparse.Namespace) -> int:
 # Offline
 
 
-def offline_row(body_json: str, chat: bool) -> dict[str, Any]:
-    """A batch line's body as Ray Data's vLLM processor takes a row: messages or prompt, and sampling_params."""
+def offline_row(body_json: str, chat: bool, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A batch line's body as Ray Data's vLLM processor takes a row: messages or prompt, and sampling_params.
+
+    defaults fill the fields a body leaves out: Ray Data stacks rows into one Arrow struct, where a
+    field one row lacks reads None in that row, and vLLM's SamplingParams refuses None for most.
+    """
     body = json.loads(body_json)
     sampling = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
     if "max_completion_tokens" in body and "max_tokens" not in sampling:
         sampling["max_tokens"] = body["max_completion_tokens"]
     prompt = {"messages": body["messages"]} if chat else {"prompt": body["prompt"]}
-    return {**prompt, "sampling_params": sampling}
+    return {**prompt, "sampling_params": {**(defaults or {}), **sampling}}
+
+
+def sampling_defaults(default_max_tokens: int) -> dict[str, Any]:
+    """vLLM's own SamplingParams defaults for every field a body may set, and the model's max_tokens."""
+    from vllm import SamplingParams
+
+    defaults = SamplingParams()
+    return {**{name: getattr(defaults, name) for name in SAMPLING_FIELDS}, "max_tokens": default_max_tokens}
 
 
 def model_spec(config: Path, app: str, model: str):
@@ -166,9 +181,13 @@ def run_offline(
     from servegraph.models.build import resolve_model_source
 
     spec, args = model_spec(config, app, model)
+    if not ray.is_initialized():  # before build_processor, which would start Ray with its defaults (2 CPUs here)
+        local = {"num_cpus": num_cpus or max(LOCAL_MIN_CPUS, os.cpu_count() or 1)} if address is None else {}
+        ray.init(address=address or "local", **local)  # "local": a cluster of its own, never one found lying about
     on_cpu = args.accelerator == "cpu"
     source = resolve_model_source(spec, Path(args.cache_dir) if args.cache_dir else None)
     chat = endpoint == "/v1/chat/completions"
+    defaults = sampling_defaults(spec.default_max_tokens)
     env = {cpu_amx.MODE_ENV: spec.cpu_amx, "VLLM_CONFIGURE_LOGGING": "0"}
     processor_config = vLLMEngineProcessorConfig(
         model_source=source,
@@ -184,18 +203,15 @@ def run_offline(
     )
     processor = build_processor(
         processor_config,
-        preprocess=lambda row: {"custom_id": row["custom_id"], **offline_row(row["body"], chat)},
+        preprocess=lambda row: {"custom_id": row["custom_id"], **offline_row(row["body"], chat, defaults)},
         postprocess=lambda row: {
             "custom_id": row["custom_id"],
             "generated_text": row["generated_text"],
             "num_input_tokens": row["num_input_tokens"],
             "num_generated_tokens": row["num_generated_tokens"],
+            "generated_tokens": row["generated_tokens"],
         },
     )
-    if not ray.is_initialized():
-        # The tokenize, engine and detokenize stages each hold a CPU: a local cluster gets at least four.
-        local = {"num_cpus": num_cpus or max(LOCAL_MIN_CPUS, os.cpu_count() or 1)} if address is None else {}
-        ray.init(address=address, **local)
     dataset = processor(ray.data.read_parquet(str(input_path)))
     dataset.write_parquet(str(output))
     return ray.data.read_parquet(str(output)).count()

@@ -180,7 +180,7 @@ class BatchConfig(StrictModel):
         "else `batches` beside the usage directory (~/.local/share/servegraph/batches).",
     )
     max_file_bytes: int = Field(
-        200 << 20, ge=1024, description="Largest upload (OpenAI's limit); limits.max_body_bytes bounds it too."
+        200 << 20, ge=1024, description="Largest upload (OpenAI's limit); not held to limits.max_body_bytes."
     )
     max_lines: int = Field(50_000, ge=1, description="Requests per input file (OpenAI's limit).")
     max_concurrent_lines: int = Field(4, ge=1, description="Lines of one batch in the graph at once.")

@@ -413,6 +413,9 @@ def test_cli_progress_and_offline_rows():
     completion = json.dumps({"prompt": "hello", "max_tokens": 2, "temperature": 0, "user": "u"})
     assert offline_row(completion, chat=False) == {"prompt": "hello",
                                                    "sampling_params": {"max_tokens": 2, "temperature": 0}}  # fmt: skip
+    defaults = {"max_tokens": 256, "temperature": 1.0, "top_p": 1.0}  # every row gets every field: one Arrow schema
+    assert offline_row(completion, chat=False, defaults=defaults)["sampling_params"] == {
+        "max_tokens": 2, "temperature": 0, "top_p": 1.0}  # fmt: skip
 
 
 def test_only_one_runner_owns_a_store_at_a_time(tmp_path: Path):
@@ -431,3 +434,40 @@ def test_the_batch_directory_defaults_beside_the_usage_directory(tmp_path: Path)
     assert BatchConfig().directory(usage, {USAGE_DIR_ENV: str(tmp_path / "usage")}) == tmp_path / "batches"
     assert BatchConfig().directory(usage, {BATCH_DIR_ENV: str(tmp_path / "b")}) == tmp_path / "b"
     assert BatchConfig(dir=str(tmp_path / "c")).directory(usage, {BATCH_DIR_ENV: "/x"}) == tmp_path / "c"
+
+
+def test_uploads_have_their_own_body_limit_and_other_routes_keep_the_general_one(tmp_path: Path):
+    """A 20 KiB file passes where the API's body limit is 8 KiB; a 20 KiB completion does not; a file
+    over max_file_bytes is 413."""
+    from servegraph.deployments.ingress import build_openai_app
+    from servegraph.models.config import RequestLimits
+
+    lines = [request_line(f"line-{i}") for i in range(200)]
+    body = jsonl(lines)
+    assert 20 << 10 < len(body) < 64 << 10
+
+    async def scenario():
+        svc = service(tmp_path, FakeGraph())
+        no_stages = SimpleNamespace(request_body_schemas=None)
+        limits = RequestLimits(max_body_bytes=8 << 10)
+        app = build_openai_app(no_stages, batches=LocalBatchCalls(svc), max_file_bytes=64 << 10, limits=limits)
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+        upload = await http.post("/v1/files", files={"file": ("in.jsonl", body)}, data={"purpose": "batch"})
+        completion = await http.post("/v1/completions", json={"model": "tiny", "prompt": "x" * (20 << 10)})
+        huge = jsonl([*lines, *lines, *lines, *lines])
+        too_big = await http.post("/v1/files", files={"file": ("big.jsonl", huge)}, data={"purpose": "batch"})
+        return upload, completion, too_big
+
+    upload, completion, too_big = asyncio.run(scenario())
+    assert upload.status_code == 200 and upload.json()["bytes"] == len(body), upload.text
+    assert completion.status_code == 413 and "8192 bytes" in completion.json()["error"]["message"]
+    assert too_big.status_code == 413 and too_big.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_store_keeps_the_ingress_traffic_weights_for_a_restarted_runner(tmp_path: Path):
+    from servegraph.deployments.batch_store import BatchStore
+
+    assert BatchStore(tmp_path).load_traffic() == {}
+    BatchStore(tmp_path).save_traffic({"canary": {"v1": 10.0, "v2": 90.0}})
+    assert BatchStore(tmp_path).load_traffic() == {"canary": {"v1": 10.0, "v2": 90.0}}
+    assert BatchStore(tmp_path).batches() == []  # the weights file is no tenant's folder

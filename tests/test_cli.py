@@ -77,33 +77,6 @@ def test_run_exits_before_starting_ray(tmp_path):
     assert "args.models.0.long_prompt" in result.stderr and "Started a local Ray instance" not in result.stderr
 
 
-DEPLOY_IN_OWN_CLUSTER = """
-import sys
-from pathlib import Path
-import yaml
-from ray.serve.request_router import RequestRouter
-from servegraph.graphs.local_cluster import LocalServeCluster
-config = yaml.safe_load(Path(sys.argv[1]).read_text())
-LocalServeCluster(config, Path(sys.argv[1]).parent).start(timeout_s=180)
-"""
-
-
-@pytest.mark.e2e  # starts a Ray cluster (in a child process)
-def test_plain_serve_deploy_fails_in_the_controller_before_any_replica(tmp_path):
-    """Without the CLI, Serve's controller runs the same typed validation: DEPLOY_FAILED."""
-    config = load_config()
-    llm_app(config)["args"]["models"][0]["max_model_lenn"] = 5
-    result = subprocess.run(
-        [sys.executable, "-c", DEPLOY_IN_OWN_CLUSTER, str(write_config(tmp_path, config))],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode != 0
-    assert "DeployFailed" in result.stderr and "max_model_lenn" in result.stderr
-    assert "Extra inputs are not permitted" in result.stderr
-
-
 def test_haproxy_mode_keeps_each_cluster_apart(monkeypatch):
     from servegraph.graphs.local_cluster import haproxy_env
 

@@ -148,7 +148,8 @@ SHORT = {"max_model_len": 128, "default_max_tokens": 64, "fallbacks": ["ext"]}
 def resilience_app(upstream_port: int) -> dict:
     """One more LLM application, for scaling, rollout, fallback and failure tests.
 
-    - `elastic` starts at zero, goes to 2 replicas under load, back down and to zero when idle.
+    - `elastic` starts at zero and runs the engine-signals policy with a TTFT SLO no request meets:
+      any load takes it to 2 replicas, idle takes it back down and to zero.
     - `sleepy` scales from zero with a 2 s bound on its cold start, which takes far longer.
     - `canary` has two versions (v1 on two replicas, routed by our prefix-aware router); `ext`
       is an external upstream; each falls back to the other.
@@ -163,11 +164,11 @@ def resilience_app(upstream_port: int) -> dict:
             "auth": {"enabled": False},
             "limits": {"max_prompt_tokens": PROMPT_TOKEN_CAP},
             "response_cache": {"enabled": True},  # deterministic requests only: a rollout must empty it
-            "batch": {"enabled": False},  # the Batch API's tests use the default and `limits` apps
             "models": [
                 {"name": "elastic", **TINY, "max_num_seqs": 2, "max_queued_requests": 8, "autoscaling": {
                     "min_replicas": 0, "max_replicas": 2, "upscale_delay_s": 0,
-                    "downscale_delay_s": 5, "downscale_to_zero_delay_s": 10, "cold_start_timeout_s": 600}},
+                    "downscale_delay_s": 5, "downscale_to_zero_delay_s": 10, "cold_start_timeout_s": 600,
+                    "policy": {"ttft_slo_s": 0.001, "look_back_period_s": 3, "metrics_interval_s": 1}}},
                 {"name": "sleepy", **TINY, "autoscaling": {
                     "min_replicas": 0, "max_replicas": 1, "downscale_to_zero_delay_s": 5, "cold_start_timeout_s": 2}},
                 {"name": "canary", **TINY, **SHORT, "autoscaling": {"min_replicas": 2, "max_replicas": 2},

@@ -1,4 +1,5 @@
-"""Engine autoscaling on the real graph (models `elastic` and `sleepy` of conftest's `resilience` app)."""
+"""Engine autoscaling on the real graph (models `elastic` and `sleepy` of conftest's `resilience` app):
+the engine-signals policy from zero to two replicas and back, and a cold start past its bound."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 
 import httpx
 
+from servegraph.autoscale.policy import ENGINE_SIGNALS_POLICY
 from tests.e2e.conftest import BackgroundLoad, poll
 
 
@@ -31,13 +33,18 @@ class SteadyLoad(BackgroundLoad):
                 self.statuses.append(client.post(self._url, json=body).status_code)
 
 
-def test_engine_scales_up_under_load_then_down_to_zero_and_serves_a_cold_request(graph):
+def test_one_stream_over_the_ttft_slo_scales_the_engine_to_two_then_zero_and_a_cold_request_is_served(graph):
+    """`elastic` runs the engine-signals policy (Serve's controller calls autoscale/serve_policy.py) with a
+    TTFT SLO no request can meet. One stream is loaded: Serve's default target (1.5 ongoing requests per
+    replica for max_num_seqs 2) would keep one replica, so only the TTFT the engine reports adds the second."""
     url = f"{graph.base_url}/resilience/v1/completions"
     engine = "engine-elastic-v1"
-    # max_num_seqs 2 -> target 1.5 ongoing per replica; six streams want four replicas, capped at two.
-    with SteadyLoad(url, "elastic", streams=6) as load:
+    config = graph.cluster.applications()["resilience"]["deployments"][engine]["deployment_config"]
+    assert config["autoscaling_config"]["policy"]["policy_function"] == ENGINE_SIGNALS_POLICY
+    assert running_replicas("resilience", engine) == 0
+    with SteadyLoad(url, "elastic", streams=1) as load:
         poll(lambda: running_replicas("resilience", engine) == 2, 600, "a second elastic replica", interval_s=1)
-    assert set(load.statuses) <= {200}, load.statuses
+    assert load.statuses and set(load.statuses) <= {200}, load.statuses
     poll(lambda: running_replicas("resilience", engine) == 0, 300, "elastic to scale to zero", interval_s=1)
 
     started = time.monotonic()

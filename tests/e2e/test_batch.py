@@ -15,7 +15,7 @@ import openai
 import pytest
 import ray
 
-from tests.e2e.conftest import ALPHA_KEY, TENANT_KEYS, Graph, poll
+from tests.e2e.conftest import ALPHA_KEY, SERVED_BY, TENANT_KEYS, Graph, poll, with_traffic
 
 ENDED = ("completed", "failed", "expired", "cancelled")
 LINES = 500  # the issue's size; max_tokens 1-2 on `tiny` keeps it to seconds (see the README's figure)
@@ -167,3 +167,46 @@ def test_a_tenant_sees_only_its_own_batches_and_quota_refusals_wait(graph: Graph
     assert batch.id not in [listed.id for listed in other.batches.list()]
     batch = ended(owner, batch.id)
     assert batch.status == "completed" and batch.request_counts.completed == 6, batch
+
+
+def test_batch_lines_follow_the_canary_weights_the_ingress_was_given(graph: Graph):
+    """`resilience`'s canary v1 and v2 are different builds: a greedy answer tells which version served it.
+    The ingress sends its weights to the batch runner when they change."""
+    client = openai.OpenAI(base_url=f"{graph.base_url}/resilience/v1", api_key="unused", max_retries=0, timeout=60)
+    body = {"model": "canary", "prompt": prompt(7), "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    line = {"method": "POST", "url": "/v1/completions", "body": body}
+    lines = [json.dumps({"custom_id": f"c-{i}", **line}) for i in range(4)]
+
+    def answer_of(version: str) -> str | None:
+        raw = client.completions.with_raw_response.create(**body)
+        return raw.parse().choices[0].text if raw.headers[SERVED_BY] == f"canary@{version}" else None
+
+    def batch_answers() -> set[str]:
+        batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/completions",
+                                      completion_window="24h")  # fmt: skip
+        batch = ended(client, batch.id, timeout_s=60)
+        return {out["response"]["body"]["choices"][0]["text"] for out in lines_of(client, batch.output_file_id)}
+
+    v1 = poll(lambda: answer_of("v1"), 60, "canary v1's answer")
+    assert batch_answers() == {v1}
+    graph.cluster.deploy(with_traffic(graph, {"v1": 0, "v2": 100}))
+    try:
+        v2 = poll(lambda: answer_of("v2"), 60, "traffic to move to canary v2")
+        assert v2 != v1
+        poll(lambda: batch_answers() == {v2}, 60, "batch lines to move to canary v2")
+    finally:
+        graph.cluster.deploy(with_traffic(graph, {"v1": 100}))
+
+
+def test_a_file_over_the_api_body_limit_and_a_grpc_message_uploads_and_downloads_whole(client: openai.OpenAI):
+    """9 MiB: over `limits.max_body_bytes` (8 MiB, which uploads are not held to) and Serve's 4 MiB gRPC message."""
+    padding = "x" * 1000
+    lines = [completion_line(i, prompt=f"{prompt(i)} {padding}") for i in range(9000)]
+    data = "\n".join(lines).encode()
+    assert len(data) > 9 << 20
+    file_id = upload(client, lines)
+    try:
+        assert client.files.retrieve(file_id).bytes == len(data)
+        assert client.files.content(file_id).content == data
+    finally:
+        client.files.delete(file_id)

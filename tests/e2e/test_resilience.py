@@ -28,9 +28,9 @@ def upstream_server(graph) -> BareVllmTarget:
     return BareVllmTarget(spec, ensure_local_model(spec.build, default_cache_dir()), port=graph.upstream_port)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def upstream(graph) -> Iterator[BareVllmTarget]:
-    """A server of the test's own: no test depends on what another did to its upstream."""
+    """One server for the module (a vLLM start is about 50 s here): a test that stops it starts it again."""
     server = upstream_server(graph)
     server.__enter__()
     yield server
