@@ -173,12 +173,12 @@ def test_batch_lines_follow_the_canary_weights_the_ingress_was_given(graph: Grap
     """`resilience`'s canary v1 and v2 are different builds: a greedy answer tells which version served it.
     The ingress sends its weights to the batch runner when they change."""
     client = openai.OpenAI(base_url=f"{graph.base_url}/resilience/v1", api_key="unused", max_retries=0, timeout=60)
-    body = {"model": "canary", "prompt": prompt(7), "max_tokens": 6, "temperature": 0, "ignore_eos": True}
-    line = {"method": "POST", "url": "/v1/completions", "body": body}
+    body = {"model": "canary", "prompt": prompt(7), "max_tokens": 6, "temperature": 0}
+    line = {"method": "POST", "url": "/v1/completions", "body": {**body, "ignore_eos": True}}
     lines = [json.dumps({"custom_id": f"c-{i}", **line}) for i in range(4)]
 
     def answer_of(version: str) -> str | None:
-        raw = client.completions.with_raw_response.create(**body)
+        raw = client.completions.with_raw_response.create(**body, extra_body={"ignore_eos": True})
         return raw.parse().choices[0].text if raw.headers[SERVED_BY] == f"canary@{version}" else None
 
     def batch_answers() -> set[str]:
