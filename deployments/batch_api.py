@@ -43,6 +43,10 @@ class HandleBatchCalls:
         except Exception as exc:
             raise as_openai_error(exc) from None
 
+    async def set_traffic(self, traffic: dict[str, dict[str, float]]) -> None:
+        """The ingress's version weights, for the runner's lines (BatchRunner.set_traffic)."""
+        await self._runner.set_traffic.remote(traffic)
+
 
 class LocalBatchCalls:
     """BatchCalls on a BatchService in this process."""

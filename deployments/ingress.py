@@ -345,7 +345,6 @@ class Ingress:
         self._tenants = TenantDirectory(args.auth)
         self._limits = args.limits
         self._batches = HandleBatchCalls(batch_runner) if batch_runner is not None else None
-        self._batch_runner = batch_runner
         self._forwarding: asyncio.Task | None = None
         self._max_file_bytes = args.batch.max_file_bytes
 
@@ -357,15 +356,15 @@ class Ingress:
             logger.info("response cache emptied for %s: traffic changed", sorted(emptied) or "no model")
         self._traffic = config.traffic
         logger.info("traffic weights now %s", config.traffic)
-        if self._batch_runner is not None:  # batch lines split as requests do; not awaited: the runner may be starting
+        if self._batches is not None:  # batch lines split as requests do; not awaited: the runner may be starting
             if self._forwarding is not None:
                 self._forwarding.cancel()  # older weights must not arrive after these
             self._forwarding = asyncio.get_running_loop().create_task(self._forward_traffic(config.traffic))
 
     async def _forward_traffic(self, traffic: TrafficWeights) -> None:
-        assert self._batch_runner is not None
+        assert self._batches is not None
         try:
-            await self._batch_runner.set_traffic.remote(traffic)
+            await self._batches.set_traffic(traffic)
         except Exception as exc:  # the runner keeps its last weights; the next reconfigure sends them again
             logger.warning("traffic weights not sent to the batch runner: %r", exc)
 
